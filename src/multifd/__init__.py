@@ -1,0 +1,1 @@
+"""multifd: live memory migration for Python, wire-compatible with QEMU's multifd."""

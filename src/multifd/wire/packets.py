@@ -1,0 +1,214 @@
+"""Multifd channel packets: the init packet and the RAM data packet header.
+
+Layouts follow QEMU's ``MultiFDInit_t`` and ``MultiFDPacket_t`` (spec sections 2.3 and
+3.1). Decoding validates what can be checked without knowing the destination's RAM
+(magic, version, counts); :meth:`RamPacket.check_offsets` does the rest once the block is
+known. Payload bytes are not part of these objects: the engine moves them straight between
+sockets and RAM.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+from multifd.errors import ProtocolError
+from multifd.wire.constants import (
+    INIT_PACKET_SIZE,
+    MULTIFD_FLAG_COMPRESSION_MASK,
+    MULTIFD_FLAG_DEVICE_STATE,
+    MULTIFD_FLAG_SYNC,
+    MULTIFD_MAGIC,
+    MULTIFD_VERSION,
+    PACKET_FIXED_SIZE,
+    PACKET_HEADER_SIZE,
+    PAGE_SIZE,
+    PAGES_PER_PACKET,
+    RAMBLOCK_NAME_SIZE,
+    UUID_SIZE,
+)
+
+# magic, version, uuid[16], id, unused1[7], unused2[4] (u64)
+_INIT: Final = struct.Struct(">II16sB7s32s")
+assert _INIT.size == INIT_PACKET_SIZE
+
+# magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num,
+# zero_pages (9.0+; unused[0] high half before), unused32, unused64[3], ramblock[256]
+_HEADER: Final = struct.Struct(">IIIIIIQII24s256s")
+assert _HEADER.size == PACKET_FIXED_SIZE
+_OFFSETS: Final = struct.Struct(f">{PAGES_PER_PACKET}Q")
+assert _HEADER.size + _OFFSETS.size == PACKET_HEADER_SIZE
+
+NIL_UUID: Final = bytes(UUID_SIZE)
+
+
+def _encode_name(name: str) -> bytes:
+    raw = name.encode()
+    if len(raw) >= RAMBLOCK_NAME_SIZE:
+        raise ValueError(f"ramblock name longer than {RAMBLOCK_NAME_SIZE - 1} bytes: {name!r}")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class InitPacket:
+    """``MultiFDInit_t``: the first 64 bytes of every multifd channel."""
+
+    channel_id: int  # id
+    uuid: bytes = NIL_UUID  # uuid, raw 16 bytes in the textual order of the UUID
+
+    def pack(self) -> bytes:
+        self.validate(channel="local")
+        return _INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, self.uuid, self.channel_id, b"", b"")
+
+    def validate(self, *, channel: str) -> None:
+        if len(self.uuid) != UUID_SIZE:
+            raise ValueError(f"uuid must be {UUID_SIZE} bytes, got {len(self.uuid)}")
+        if not 0 <= self.channel_id <= 0xFF:
+            raise ValueError(f"{channel}: channel id {self.channel_id} does not fit in a byte")
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview, *, channel: str) -> InitPacket:
+        """Decode and check magic and version (spec 2.3 checks 1 and 2)."""
+        if len(data) != INIT_PACKET_SIZE:
+            raise ProtocolError(
+                "truncated init packet", channel=channel, expected=INIT_PACKET_SIZE,
+                received=len(data),
+            )
+        magic, version, uuid, channel_id, _unused1, _unused2 = _INIT.unpack(data)
+        if magic != MULTIFD_MAGIC:
+            raise ProtocolError(
+                "init packet magic", channel=channel, expected=f"{MULTIFD_MAGIC:#010x}",
+                received=f"{magic:#010x}",
+            )
+        if version != MULTIFD_VERSION:
+            raise ProtocolError(
+                "init packet version", channel=channel, expected=MULTIFD_VERSION,
+                received=version,
+            )
+        return cls(channel_id=channel_id, uuid=bytes(uuid))
+
+
+@dataclass(frozen=True, slots=True)
+class RamPacket:
+    """``MultiFDPacket_t``: the 1344-byte header of a multifd RAM packet.
+
+    ``offsets`` holds the ``normal_pages`` offsets of pages whose data follows, then the
+    ``zero_pages`` offsets of pages announced as zero. A packet with no pages carries no
+    block name and no offsets, whatever a pre-9.0 sender left in those fields.
+    """
+
+    flags: int
+    packet_num: int
+    normal_pages: int = 0
+    zero_pages: int = 0
+    ramblock: str = ""
+    offsets: tuple[int, ...] = ()
+    pages_alloc: int = PAGES_PER_PACKET
+    next_packet_size: int = 0
+    # Fields a pre-9.0 sender leaves stale in packets without pages; kept for traces only.
+    stale: bool = field(default=False, compare=False)
+
+    @property
+    def is_sync(self) -> bool:
+        return bool(self.flags & MULTIFD_FLAG_SYNC)
+
+    @property
+    def method(self) -> int:
+        """The compression method field of ``flags`` (``MULTIFD_FLAG_COMPRESSION_MASK``)."""
+        return self.flags & MULTIFD_FLAG_COMPRESSION_MASK
+
+    @property
+    def page_count(self) -> int:
+        return self.normal_pages + self.zero_pages
+
+    @classmethod
+    def sync(cls, packet_num: int) -> RamPacket:
+        """A SYNC packet as QEMU 9.0+ sends it: flags 0x1, every count zero."""
+        return cls(flags=MULTIFD_FLAG_SYNC, packet_num=packet_num, pages_alloc=0)
+
+    def pack(self) -> bytes:
+        """The full 1344-byte header; the offset array is always sent whole (spec 3.1)."""
+        name = _encode_name(self.ramblock)
+        offsets = self.offsets + (0,) * (PAGES_PER_PACKET - len(self.offsets))
+        return _HEADER.pack(
+            MULTIFD_MAGIC, MULTIFD_VERSION, self.flags, self.pages_alloc, self.normal_pages,
+            self.next_packet_size, self.packet_num, self.zero_pages, 0, b"", name,
+        ) + _OFFSETS.pack(*offsets)
+
+    @classmethod
+    def unpack(cls, data: bytes | memoryview, *, channel: str) -> RamPacket:
+        """Decode a header and check it as QEMU does (spec 3.4), before any block lookup."""
+        if len(data) != PACKET_HEADER_SIZE:
+            raise ProtocolError(
+                "truncated packet header", channel=channel, expected=PACKET_HEADER_SIZE,
+                received=len(data),
+            )
+        (magic, version, flags, pages_alloc, normal, next_size, packet_num, zero,
+         _unused32, _unused64, raw_name) = _HEADER.unpack_from(data)
+        if magic != MULTIFD_MAGIC:
+            raise ProtocolError(
+                "packet magic", channel=channel, expected=f"{MULTIFD_MAGIC:#010x}",
+                received=f"{magic:#010x}",
+            )
+        if version != MULTIFD_VERSION:
+            raise ProtocolError(
+                "packet version", channel=channel, expected=MULTIFD_VERSION, received=version
+            )
+        if flags & MULTIFD_FLAG_DEVICE_STATE:
+            raise ProtocolError(
+                "packet flags", channel=channel, expected="a RAM packet (no DEVICE_STATE bit)",
+                received=f"{flags:#x}",
+            )
+        if pages_alloc > PAGES_PER_PACKET:
+            raise ProtocolError(
+                "packet pages_alloc", channel=channel, expected=f"<= {PAGES_PER_PACKET}",
+                received=pages_alloc,
+            )
+        if normal > pages_alloc:
+            raise ProtocolError(
+                "packet normal_pages", channel=channel, expected=f"<= pages_alloc {pages_alloc}",
+                received=normal,
+            )
+        if zero > pages_alloc - normal:
+            raise ProtocolError(
+                "packet zero_pages", channel=channel,
+                expected=f"<= pages_alloc - normal_pages = {pages_alloc - normal}",
+                received=zero,
+            )
+        count = normal + zero
+        if count == 0:
+            stale = bool(next_size or raw_name.strip(b"\0"))
+            return cls(
+                flags=flags, packet_num=packet_num, pages_alloc=pages_alloc,
+                next_packet_size=next_size, stale=stale,
+            )
+        name = raw_name[: RAMBLOCK_NAME_SIZE - 1].split(b"\0", 1)[0]
+        try:
+            ramblock = name.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(
+                "packet ramblock", channel=channel, expected="a UTF-8 block name",
+                received=name[:64],
+            ) from None
+        offsets = _OFFSETS.unpack_from(data, PACKET_FIXED_SIZE)[:count]
+        return cls(
+            flags=flags, packet_num=packet_num, normal_pages=normal, zero_pages=zero,
+            ramblock=ramblock, offsets=offsets, pages_alloc=pages_alloc,
+            next_packet_size=next_size,
+        )
+
+    def check_offsets(self, block_size: int, *, channel: str) -> None:
+        """Every offset must name a whole page inside a block of ``block_size`` bytes."""
+        limit = block_size - PAGE_SIZE
+        for offset in self.offsets:
+            if offset > limit:
+                raise ProtocolError(
+                    f"offset in block {self.ramblock!r}", channel=channel,
+                    expected=f"<= {limit:#x}", received=f"{offset:#x}",
+                )
+            if offset % PAGE_SIZE:
+                raise ProtocolError(
+                    f"offset in block {self.ramblock!r}", channel=channel,
+                    expected=f"a multiple of {PAGE_SIZE}", received=f"{offset:#x}",
+                )
