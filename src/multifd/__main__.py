@@ -1,0 +1,5 @@
+"""``python -m multifd``: the command line."""
+
+from multifd.cli import main
+
+main()

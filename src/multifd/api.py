@@ -1,0 +1,152 @@
+"""The library API: migrate RAM blocks from Python programs.
+
+Example::
+
+    import multifd
+
+    # destination (one process)
+    result = multifd.receive("tcp:0.0.0.0:4444", channels=2)
+    data = result.ram["mem"].view
+
+    # source (another process)
+    multifd.send("tcp:dest:4444", {"mem": bytearray(64 << 20)}, channels=2)
+"""
+
+from __future__ import annotations
+
+import os
+import uuid as uuidlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from multifd import transport
+from multifd.engine.trace import TraceHook
+from multifd.errors import ConfigError
+from multifd.migration.destination import Destination, Limits
+from multifd.migration.source import ProgressHook, Source
+from multifd.migration.stats import MigrationStats
+from multifd.ram import Ram, RamBlock
+from multifd.wire.compat import profile
+
+BlockSource = RamBlock | bytes | bytearray | memoryview | str | os.PathLike[str]
+
+DEFAULT_CHANNELS = 2  # QEMU's multifd-channels default
+MAX_CHANNELS = 255  # the init packet's id is one byte
+
+
+def parse_uuid(text: str | None) -> bytes | None:
+    """The 16 raw bytes of a textual UUID, in the order QEMU puts on the wire."""
+    if text is None:
+        return None
+    try:
+        return uuidlib.UUID(text).bytes
+    except ValueError:
+        raise ConfigError(f"not a UUID: {text!r}") from None
+
+
+def check_channels(channels: int) -> int:
+    if not 0 <= channels <= MAX_CHANNELS:
+        raise ConfigError(f"channels must be 0..{MAX_CHANNELS}, got {channels}")
+    return channels
+
+
+def as_ram(blocks: Ram | Mapping[str, BlockSource]) -> Ram:
+    """Build a :class:`Ram` from blocks, byte buffers or file paths, keyed by block name."""
+    if isinstance(blocks, Ram):
+        return blocks
+    ram = Ram()
+    for name, item in blocks.items():
+        if isinstance(item, RamBlock):
+            if item.name != name:
+                raise ConfigError(f"block {item.name!r} given under the name {name!r}")
+            ram.add(item)
+        elif isinstance(item, bytes | bytearray | memoryview):
+            ram.add(RamBlock.from_bytes(name, bytes(item)))
+        else:
+            ram.add(RamBlock.from_file(name, Path(item)))
+    if not len(ram):
+        raise ConfigError("nothing to send: no blocks")
+    return ram
+
+
+def send(address: str, blocks: Ram | Mapping[str, BlockSource], *,
+         channels: int = DEFAULT_CHANNELS, peer: str = "native", uuid: str | None = None,
+         compression: str = "none", level: int | None = None, connect_timeout: float = 10.0,
+         io_timeout: float = 30.0, trace: TraceHook | None = None,
+         progress: ProgressHook | None = None) -> MigrationStats:
+    """Migrate ``blocks`` to the destination listening at ``address``.
+
+    Args:
+        address: ``tcp:HOST:PORT`` or ``unix:PATH``.
+        blocks: a :class:`Ram`, or a mapping of block name to a :class:`RamBlock`, a buffer
+            or a file path (the file is mapped; its size must be a multiple of 4096).
+        channels: multifd channels (0 sends every page on the main channel).
+        peer: ``native``, ``qemu-7.2`` or ``qemu-10.0`` (see :mod:`multifd.wire.compat`).
+        uuid: the UUID written into every multifd init packet (QEMU's ``-uuid``).
+        compression: ``none``, ``zlib`` or ``zstd``.
+        level: compression level (QEMU's ``multifd-zlib-level``/``multifd-zstd-level``).
+        connect_timeout: seconds allowed for each connection.
+        io_timeout: seconds a channel may stall before the migration fails.
+        trace: sees every packet and marker sent.
+        progress: called with statistics snapshots while pages are sent.
+
+    Returns:
+        The final statistics.
+
+    Raises:
+        ConfigError: an argument is invalid.
+        MigrationFailed: the migration failed; ``__cause__`` is the first error.
+    """
+    source = Source(
+        as_ram(blocks), profile(peer), channels=check_channels(channels),
+        uuid=parse_uuid(uuid) or bytes(16), compression=compression, level=level,
+        io_timeout=io_timeout, trace=trace, progress=progress,
+    )
+    return source.migrate(transport.parse_address(address), connect_timeout=connect_timeout)
+
+
+@dataclass(frozen=True)
+class Received:
+    """What :func:`receive` returns: the statistics and the received blocks."""
+
+    stats: MigrationStats
+    ram: Ram
+
+
+def receive(address: str, *, channels: int = DEFAULT_CHANNELS, output: str | Path | None = None,
+            uuid: str | None = None, compression: str = "none", io_timeout: float = 30.0,
+            setup_timeout: float = 60.0, limits: Limits | None = None,
+            on_listening: Callable[[str], None] | None = None,
+            trace: TraceHook | None = None) -> Received:
+    """Listen at ``address`` and receive one migration.
+
+    Args:
+        address: ``tcp:HOST:PORT`` (port 0 picks a free port) or ``unix:PATH``.
+        channels: multifd channels the source uses (0: multifd off).
+        output: folder for the blocks (one file per block); None keeps them in memory.
+        uuid: if set, multifd channels with another UUID are refused.
+        compression: the method the source uses.
+        io_timeout: seconds without progress after which the migration fails.
+        setup_timeout: seconds to wait for all channels to connect.
+        limits: what a hostile source may announce.
+        on_listening: called with the real address once connections are accepted.
+        trace: sees every packet and marker received.
+
+    Returns:
+        The statistics and the blocks; the caller closes ``ram`` when done.
+    """
+    destination = Destination(
+        channels=check_channels(channels), output=Path(output) if output is not None else None,
+        uuid=parse_uuid(uuid), compression=compression, io_timeout=io_timeout,
+        setup_timeout=setup_timeout, limits=limits, trace=trace,
+    )
+    with transport.listen(transport.parse_address(address)) as listener:
+        if on_listening is not None:
+            on_listening(str(listener.address))
+        try:
+            stats = destination.run(listener)
+        except BaseException:
+            destination.ram.close()
+            raise
+    return Received(stats=stats, ram=destination.ram)

@@ -1,0 +1,366 @@
+"""The receiving side of a migration: accepts the channels and loads the main stream.
+
+Theory of operation. The destination listens on one address. Connections arrive in any
+order; each is classified by peeking at its first four bytes (``QEVM`` for the main channel,
+the multifd magic for the others) and multifd channels are handed to the
+:class:`~multifd.engine.recv.Receiver`, which reads their init packets and starts one thread
+each. Once the main channel and all N multifd channels are there, the loader decodes the
+main stream: ``MEM_SIZE`` creates the blocks, PAGE and ZERO records are applied in place,
+and each sync marker runs the receiver's two-phase barrier.
+
+The sync mode is not announced by the source (spec 11.4); the loader learns it from the
+setup section: a ``MULTIFD_FLUSH`` before the first ``EOS`` means per-round mode, its absence
+means per-section mode (every ``EOS`` is a marker).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+from urllib.parse import quote
+
+from multifd import transport
+from multifd.engine.recv import Receiver
+from multifd.engine.trace import TraceHook, emit
+from multifd.errors import (
+    MAIN,
+    ChannelError,
+    MigrationFailed,
+    MultifdError,
+    ProtocolError,
+)
+from multifd.migration.stats import ChannelStats, MigrationStats, Status
+from multifd.ram import Ram, RamBlock
+from multifd.wire import stream
+from multifd.wire.compat import SyncMode
+from multifd.wire.constants import MIG_CMD_SWITCHOVER_START, PAGE_SIZE, RAM_SECTION_VERSION
+
+log = logging.getLogger("multifd.destination")
+
+_RECV_CHUNK: Final = 1 << 20
+_POLL: Final = 0.25  # seconds between liveness checks while a channel is quiet
+
+ListeningHook = Callable[[transport.Address], None]
+
+
+class Limits:
+    """What a destination accepts from a source it does not trust."""
+
+    def __init__(self, *, max_blocks: int = 256, max_total: int = 1 << 40) -> None:
+        self.max_blocks = max_blocks
+        self.max_total = max_total
+
+
+def block_filename(name: str) -> str:
+    """A file name for block ``name`` that stays inside the output folder."""
+    encoded = quote(name, safe="")
+    return encoded if encoded not in (".", "..") else encoded.replace(".", "%2E")
+
+
+class Destination:
+    """Receives one migration into RAM blocks (anonymous memory or files in a folder).
+
+    Args:
+        channels: number of multifd channels the source uses (0: multifd off).
+        output: folder where each block is written as a file named after the block;
+            None keeps the blocks in anonymous memory (see :attr:`ram`).
+        uuid: if set, every multifd channel must carry this UUID.
+        compression: the method the source uses (not negotiated by QEMU).
+        io_timeout: seconds without any progress after which the migration fails.
+        trace: sees every packet and marker received.
+    """
+
+    def __init__(self, *, channels: int = 2, output: Path | None = None,
+                 uuid: bytes | None = None, compression: str = "none",
+                 io_timeout: float = 30.0, setup_timeout: float = 60.0,
+                 limits: Limits | None = None, trace: TraceHook | None = None) -> None:
+        self.channels = channels
+        self.output = output
+        self.uuid = uuid
+        self.compression = compression
+        self.io_timeout = io_timeout
+        self.setup_timeout = setup_timeout
+        self.limits = limits or Limits()
+        self.trace = trace
+        self.ram = Ram()
+        self.status = Status.NONE
+        self.machine: str | None = None
+        self.sync_mode: SyncMode | None = None
+        self._receiver: Receiver | None = None
+        self._main: socket.socket | None = None
+        self._decoder = stream.StreamDecoder(MAIN)
+        self._flush_seen = False
+        self._eof_seen = False
+        self._start = 0.0
+        self._setup_ms = 0.0
+        self._main_bytes = 0
+        self._main_pages = 0
+        self._zero_records = 0
+        self._syncs = 0
+
+    # -- the whole migration ----------------------------------------------------------------
+    def run(self, listener: transport.Listener) -> MigrationStats:
+        """Accept the channels from ``listener`` and receive one migration."""
+        self._start = time.monotonic()
+        self.status = Status.SETUP
+        try:
+            if self.channels:
+                self._receiver = Receiver(
+                    self.ram, channels=self.channels, uuid=self.uuid,
+                    compression=self.compression, trace=self.trace, io_timeout=self.io_timeout,
+                )
+            self._main = self._accept_channels(listener)
+            self._setup_ms = (time.monotonic() - self._start) * 1e3
+            self.status = Status.ACTIVE
+            self._load()
+            if self._receiver is not None:
+                self._receiver.finish(self.io_timeout)
+            for block in self.ram:
+                block.flush()
+        except MultifdError as exc:
+            self.status = Status.FAILED
+            self._abort(exc)
+            if isinstance(exc, MigrationFailed):
+                raise
+            failed = MigrationFailed(str(exc))
+            failed.channel = getattr(exc, "channel", None)
+            raise failed from exc
+        finally:
+            if self._main is not None:
+                transport.close_quietly(self._main)
+            if self._receiver is not None:
+                self._receiver.close()
+        self.status = Status.COMPLETED
+        return self.stats()
+
+    def _abort(self, exc: MultifdError) -> None:
+        if self._receiver is not None:
+            self._receiver.abort(exc)
+
+    # -- setup: accept and classify ---------------------------------------------------------
+    def _accept_channels(self, listener: transport.Listener) -> socket.socket:
+        deadline = time.monotonic() + self.setup_timeout
+        main: socket.socket | None = None
+        multifd = 0
+        waiting: list[socket.socket] = []
+        with selectors.DefaultSelector() as selector:
+            selector.register(listener.socket, selectors.EVENT_READ)
+            try:
+                while main is None or multifd < self.channels:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ChannelError(self._setup_timeout_message(main, multifd),
+                                           channel=MAIN if main is None else "multifd")
+                    for key, _ in selector.select(min(remaining, _POLL)):
+                        if key.fileobj is listener.socket:
+                            sock = listener.accept(self.io_timeout)
+                            waiting.append(sock)
+                            selector.register(sock, selectors.EVENT_READ)
+                            continue
+                        sock = key.fileobj  # type: ignore[assignment]
+                        selector.unregister(sock)
+                        waiting.remove(sock)
+                        kind = transport.classify(sock, timeout=self.io_timeout)
+                        if kind == "main":
+                            if main is not None:
+                                transport.close_quietly(sock)
+                                raise ProtocolError("connection", channel=MAIN,
+                                                    expected="one main channel",
+                                                    received="a second main channel")
+                            main = sock
+                            main.settimeout(_POLL)
+                        else:
+                            self._accept_multifd(sock)
+                            multifd += 1
+            except BaseException:
+                for sock in waiting:
+                    transport.close_quietly(sock)
+                if main is not None:
+                    transport.close_quietly(main)
+                raise
+        return main
+
+    def _accept_multifd(self, sock: socket.socket) -> None:
+        if self._receiver is None:
+            transport.close_quietly(sock)
+            raise ProtocolError("connection", channel="multifd/?",
+                                expected="no multifd channel (--channels 0)",
+                                received="a multifd channel")
+        self._receiver.accept_channel(sock, self.io_timeout)
+
+    def _setup_timeout_message(self, main: socket.socket | None, multifd: int) -> str:
+        if main is None:
+            return f"no main channel within {self.setup_timeout:g} s"
+        return (f"{multifd} of {self.channels} multifd channels arrived within "
+                f"{self.setup_timeout:g} s; does the source use multifd with "
+                f"{self.channels} channels?")
+
+    # -- the main stream --------------------------------------------------------------------
+    def _load(self) -> None:
+        assert self._main is not None
+        buffer = bytearray(_RECV_CHUNK)
+        view = memoryview(buffer)
+        quiet_since = time.monotonic()
+        progress = self._progress_mark()
+        while True:
+            try:
+                count = self._main.recv_into(view)
+            except TimeoutError:
+                mark = self._progress_mark()
+                if mark != progress:
+                    progress, quiet_since = mark, time.monotonic()
+                elif time.monotonic() - quiet_since > self.io_timeout:
+                    raise ChannelError(
+                        f"no data on any channel for {self.io_timeout:g} s", channel=MAIN
+                    ) from None
+                self._check_receiver()
+                continue
+            except OSError as exc:
+                raise ChannelError(f"receive failed: {exc}", channel=MAIN) from exc
+            if count == 0:
+                self._decoder.close()
+                self._drain_events()
+                break
+            quiet_since = time.monotonic()
+            self._main_bytes += count
+            self._decoder.feed(view[:count])
+            self._drain_events()
+        if not self._eof_seen:
+            raise ProtocolError("main stream", channel=MAIN, expected="QEMU_VM_EOF",
+                                received="end of stream")
+
+    def _progress_mark(self) -> int:
+        if self._receiver is None:
+            return self._main_bytes
+        return self._main_bytes + sum(ch.bytes for ch in self._receiver.stats())
+
+    def _check_receiver(self) -> None:
+        if self._receiver is not None:
+            self._receiver.check()
+
+    def _drain_events(self) -> None:
+        while (event := self._decoder.next_event()) is not None:
+            self._handle(event)
+
+    def _handle(self, event: stream.Event) -> None:  # noqa: PLR0912
+        match event:
+            case stream.RamPage(block=name, offset=offset, data=data):
+                self._block(name, offset).view[offset : offset + PAGE_SIZE] = data
+                self._main_pages += 1
+            case stream.RamZero(block=name, offset=offset, fill=fill):
+                self._apply_zero(name, offset, fill)
+            case stream.RamEos():
+                self._on_eos()
+            case stream.RamMultifdFlush():
+                self._on_flush()
+            case stream.RamMemSize(total=total, blocks=blocks):
+                self._create_blocks(total, blocks)
+            case stream.Configuration(machine=machine):
+                self.machine = machine
+            case stream.SectionStart(idstr="ram", version_id=version) if (
+                version != RAM_SECTION_VERSION
+            ):
+                raise ProtocolError("ram section version", channel=MAIN,
+                                    expected=RAM_SECTION_VERSION, received=version)
+            case stream.Command(cmd=cmd) if cmd != MIG_CMD_SWITCHOVER_START:
+                raise ProtocolError("command", channel=MAIN,
+                                    expected=f"MIG_CMD_SWITCHOVER_START ({MIG_CMD_SWITCHOVER_START})",
+                                    received=cmd)
+            case stream.Eof():
+                self.status = Status.DEVICE
+                self._eof_seen = True
+            case _:
+                pass
+
+    def _block(self, name: str, offset: int) -> RamBlock:
+        block = self.ram.get(name)
+        if block is None:
+            raise ProtocolError("ram record block", channel=MAIN,
+                                expected=f"one of {[b.name for b in self.ram]}", received=name)
+        if offset % PAGE_SIZE or offset > block.size - PAGE_SIZE:
+            raise ProtocolError(f"ram record offset in {name!r}", channel=MAIN,
+                                expected=f"a page offset <= {block.size - PAGE_SIZE:#x}",
+                                received=f"{offset:#x}")
+        return block
+
+    def _apply_zero(self, name: str, offset: int, fill: int) -> None:
+        block = self._block(name, offset)
+        if fill != 0:
+            raise ProtocolError("zero page fill byte", channel=MAIN, expected=0, received=fill)
+        block.pages[offset // PAGE_SIZE] = 0
+        self._zero_records += 1
+
+    def _create_blocks(self, total: int, blocks: tuple[tuple[str, int], ...]) -> None:
+        if len(self.ram):
+            raise ProtocolError("ram setup", channel=MAIN, expected="one MEM_SIZE record",
+                                received="a second one")
+        if len(blocks) > self.limits.max_blocks:
+            raise ProtocolError("ram block count", channel=MAIN,
+                                expected=f"<= {self.limits.max_blocks}", received=len(blocks))
+        if total > self.limits.max_total:
+            raise ProtocolError("total ram size", channel=MAIN,
+                                expected=f"<= {self.limits.max_total}", received=total)
+        for name, size in blocks:
+            if size <= 0 or size % PAGE_SIZE:
+                raise ProtocolError(f"size of block {name!r}", channel=MAIN,
+                                    expected=f"a positive multiple of {PAGE_SIZE}", received=size)
+            block = self._new_block(name, size)
+            block.prefault()
+            self.ram.add(block)
+        log.info("blocks: %s", ", ".join(f"{n} ({s} bytes)" for n, s in blocks))
+
+    def _new_block(self, name: str, size: int) -> RamBlock:
+        if self.output is None:
+            return RamBlock.anonymous(name, size)
+        self.output.mkdir(parents=True, exist_ok=True)
+        return RamBlock.from_file(name, self.output / block_filename(name), size=size,
+                                  create=True)
+
+    # -- sync markers -----------------------------------------------------------------------
+    def _on_eos(self) -> None:
+        if self.sync_mode is None:
+            self.sync_mode = SyncMode.PER_ROUND if self._flush_seen else SyncMode.PER_SECTION
+            log.info("sync mode: %s", self.sync_mode.value)
+        if self.sync_mode is SyncMode.PER_SECTION:
+            self._sync("EOS")
+
+    def _on_flush(self) -> None:
+        if self.sync_mode is SyncMode.PER_SECTION:
+            raise ProtocolError("sync marker", channel=MAIN,
+                                expected="EOS (per-section sync mode, set by the setup section)",
+                                received="MULTIFD_FLUSH")
+        self._flush_seen = True
+        self._sync("MULTIFD_FLUSH")
+
+    def _sync(self, marker: str) -> None:
+        if self._receiver is None:
+            return
+        self._receiver.wait_sync(self.io_timeout)
+        self._syncs += 1
+        if self.trace is not None:
+            emit(self.trace, "recv", MAIN, record=marker)
+
+    # -- statistics -------------------------------------------------------------------------
+    def stats(self) -> MigrationStats:
+        elapsed = (time.monotonic() - self._start) * 1e3 if self._start else 0.0
+        channels = [ChannelStats(MAIN, packets=0, pages=self._main_pages,
+                                 zero_pages=self._zero_records, bytes=self._main_bytes)]
+        multifd_bytes = normal = duplicate = 0
+        if self._receiver is not None:
+            for ch in self._receiver.stats():
+                channels.append(ChannelStats(ch.channel, packets=ch.packets, pages=ch.pages,
+                                             zero_pages=ch.zero_pages, bytes=ch.bytes))
+                multifd_bytes += ch.bytes
+                normal += ch.pages
+                duplicate += ch.zero_pages
+        return MigrationStats(
+            status=self.status, total_time_ms=elapsed, setup_time_ms=self._setup_ms,
+            total=self.ram.total_size, transferred=self._main_bytes + multifd_bytes,
+            duplicate=duplicate + self._zero_records, normal=normal + self._main_pages,
+            multifd_bytes=multifd_bytes, dirty_sync_count=self._syncs, channels=tuple(channels),
+        )

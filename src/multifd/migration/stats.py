@@ -1,0 +1,106 @@
+"""Migration statistics as frozen snapshots, shaped like QEMU's ``query-migrate``."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from multifd.wire.constants import PAGE_SIZE
+
+
+class Status(enum.Enum):
+    """Migration states, named as QEMU's ``MigrationStatus``."""
+
+    NONE = "none"
+    SETUP = "setup"
+    ACTIVE = "active"
+    DEVICE = "device"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    """Traffic of one channel: packets (or records), pages and bytes on the wire."""
+
+    channel: str
+    packets: int = 0
+    pages: int = 0
+    zero_pages: int = 0
+    bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStats:
+    """One snapshot of a migration, on either side.
+
+    Times are milliseconds, as in ``query-migrate``. ``duplicate`` counts zero pages (QEMU's
+    name), ``normal`` counts pages whose data crossed the wire.
+    """
+
+    status: Status
+    total_time_ms: float = 0.0
+    setup_time_ms: float = 0.0
+    total: int = 0
+    transferred: int = 0
+    remaining: int = 0
+    duplicate: int = 0
+    normal: int = 0
+    multifd_bytes: int = 0
+    dirty_sync_count: int = 0
+    channels: tuple[ChannelStats, ...] = field(default_factory=tuple)
+    error: str | None = None
+
+    @property
+    def normal_bytes(self) -> int:
+        return self.normal * PAGE_SIZE
+
+    @property
+    def mbps(self) -> float:
+        """Throughput over the whole migration in megabits per second, as QEMU reports it."""
+        if self.total_time_ms <= 0:
+            return 0.0
+        return self.transferred * 8 / 1e6 / (self.total_time_ms / 1e3)
+
+    @property
+    def pages_per_second(self) -> float:
+        if self.total_time_ms <= 0:
+            return 0.0
+        return (self.normal + self.duplicate) / (self.total_time_ms / 1e3)
+
+    def to_json(self) -> dict[str, Any]:
+        """A ``query-migrate``-shaped dictionary (QEMU's key names)."""
+        result: dict[str, Any] = {
+            "status": self.status.value,
+            "total-time": round(self.total_time_ms, 3),
+            "setup-time": round(self.setup_time_ms, 3),
+            "ram": {
+                "total": self.total,
+                "transferred": self.transferred,
+                "remaining": self.remaining,
+                "duplicate": self.duplicate,
+                "normal": self.normal,
+                "normal-bytes": self.normal_bytes,
+                "multifd-bytes": self.multifd_bytes,
+                "mbps": round(self.mbps, 3),
+                "pages-per-second": round(self.pages_per_second, 3),
+                "page-size": PAGE_SIZE,
+                "dirty-sync-count": self.dirty_sync_count,
+            },
+            "channels": [
+                {
+                    "channel": ch.channel,
+                    "packets": ch.packets,
+                    "pages": ch.pages,
+                    "zero-pages": ch.zero_pages,
+                    "bytes": ch.bytes,
+                }
+                for ch in self.channels
+            ],
+        }
+        if self.error is not None:
+            result["error-desc"] = self.error
+        return result
