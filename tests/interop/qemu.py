@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,9 +40,9 @@ QEMU_BINARY: Final = "qemu-system-x86_64"
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 # How long one wait for an event lasts before the harness checks that QEMU is alive.
 _EVENT_SLICE: Final = 0.25
-# Images are generated and written in slices this large, so a 2 GiB image needs no 2 GiB
-# temporary.
-_IMAGE_CHUNK: Final = 64 << 20
+# Images are generated, written and compared in slices this large, so a 2 GiB image needs
+# no 2 GiB temporary (and the benchmark's own peak RSS stays low, see ram_mismatch).
+_IMAGE_CHUNK: Final = 16 << 20
 
 _T = TypeVar("_T")
 
@@ -339,7 +340,8 @@ class QemuVm:
             if status in TERMINAL_STATUSES:
                 raise self._failure(f"migration {status}, wanted {sorted(wanted)}")
             if time.monotonic() >= deadline:
-                raise self._failure(f"migration still {status!r} after {timeout:.1f}s")
+                now = status or "not started"
+                raise self._failure(f"migration still {now!r} after {timeout:.1f}s")
             event = self._next_event(min(_EVENT_SLICE, deadline - time.monotonic()))
             if event is not None:
                 status = _event_status(event)
@@ -347,9 +349,9 @@ class QemuVm:
         return MigrationState(str(status), self.query_migrate(), stamps.get(str(status)))
 
     # -- internals -------------------------------------------------------------------------
-    def _next_event(self, timeout: float) -> dict[str, Any] | None:
+    def _next_event(self, timeout: float) -> Mapping[str, Any] | None:
         try:
-            event: dict[str, Any] = self._call(self._events.get(), "event", max(timeout, 0.0))
+            event: Mapping[str, Any] = self._call(self._events.get(), "event", max(timeout, 0.0))
         except QemuError:
             if self.returncode is not None:
                 raise
@@ -375,7 +377,9 @@ class QemuVm:
                 info = self._loop.run_until_complete(
                     asyncio.wait_for(self._qmp.execute("query-migrate"), self.timeout)
                 )
-                error = f"; error-desc: {info.get('error-desc')!r}" if isinstance(info, dict) else ""
+                error = (
+                    f"; error-desc: {info.get('error-desc')!r}" if isinstance(info, dict) else ""
+                )
         state = "running" if self.returncode is None else f"exited {self.returncode}"
         return QemuError(f"{self.name}: {message}{error} (QEMU {state}; log: {self.log()!r})")
 
@@ -399,10 +403,48 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-def _event_status(event: dict[str, Any]) -> str:
+def _event_status(event: Mapping[str, Any]) -> str:
     return str(event["data"]["status"])
 
 
-def _event_time(event: dict[str, Any]) -> float:
+def _event_time(event: Mapping[str, Any]) -> float:
     stamp = event["timestamp"]
     return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
+
+
+def ram_mismatch(expected: Path, actual: Path) -> str | None:
+    """Describe how two RAM images differ (size, pages), or None when they are equal.
+
+    Reads both files in chunks rather than mapping them: a mapping would count towards
+    this process's peak RSS, which Linux then reports as the peak RSS of every child it
+    spawns later (see ``tests/interop/cli.py``).
+    """
+    if not actual.exists():
+        return f"{actual} does not exist"
+    sizes = expected.stat().st_size, actual.stat().st_size
+    if sizes[0] != sizes[1]:
+        return f"{actual} has {sizes[1]} bytes, expected {sizes[0]}"
+    bad: list[int] = []
+    with expected.open("rb") as left, actual.open("rb") as right:
+        for first, (a, b) in enumerate(zip(_page_chunks(left), _page_chunks(right), strict=True)):
+            differ = np.flatnonzero(np.any(a != b, axis=1))
+            bad.extend(int(i) + first * (_IMAGE_CHUNK // PAGE_SIZE) for i in differ)
+    if not bad:
+        return None
+    pages = sizes[0] // PAGE_SIZE
+    return f"{len(bad)} of {pages} pages differ, first at offset {bad[0] * PAGE_SIZE:#x}"
+
+
+def zero_page_count(image: Path) -> int:
+    """How many pages of ``image`` are all zeros (QEMU's ``duplicate`` counter)."""
+    with image.open("rb") as file:
+        return sum(int(np.count_nonzero(~pages.any(axis=1))) for pages in _page_chunks(file))
+
+
+def _page_chunks(file: io.BufferedReader) -> Iterator[np.ndarray[Any, Any]]:
+    # One reused buffer per file; each chunk is a (pages, PAGE_SIZE) view valid until the
+    # next iteration.
+    buffer = bytearray(_IMAGE_CHUNK)
+    while length := file.readinto(buffer):
+        usable = length - length % PAGE_SIZE
+        yield np.frombuffer(buffer, dtype=np.uint8, count=usable).reshape(-1, PAGE_SIZE)

@@ -1,0 +1,473 @@
+"""Throughput of one RAM migration over loopback: ours, QEMU 7.2's, and the raw-socket limit.
+
+Run from the repository root with the project's interpreter::
+
+    .venv/bin/python benchmarks/throughput.py [--size 2G] [--quick]
+
+Every row moves the same bytes (random pages, so nothing is skipped as a zero page) and
+is timed by the same outside wall clock: from the moment the source is told to start (the
+``multifd send`` process is spawned, or QMP ``migrate`` is issued) to the moment the
+destination has everything (``multifd receive`` exited, or the QEMU destination announced
+``completed`` in a MIGRATION event, whose timestamp is host wall-clock time). Python
+sender rows therefore include the interpreter's start-up, reported separately.
+
+Rows that cannot run (e.g. the CLI is broken) are reported as ``error: ...``; the script
+still prints and saves the table: results/throughput-<date>.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import mmap
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+REPO: Final = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.interop.cli import (  # noqa: E402 - needs the repository root on sys.path
+    MultifdProcess,
+    as_uri,
+    multifd_command,
+    receive_args,
+    send_args,
+)
+from tests.interop.qemu import (  # noqa: E402
+    BLOCK_NAME,
+    QEMU_BINARY,
+    QemuVm,
+    ram_mismatch,
+    write_ram_image,
+)
+
+RESULTS: Final = Path(__file__).resolve().parent / "results"
+MIB: Final = 1 << 20
+QEMU_QEMU: Final = "QEMU 7.2 -> QEMU 7.2, 2 ch"
+RAW: Final = "raw 2-socket copy (limit)"
+# Lifts QEMU 7.2's 128 MiB/s max-bandwidth default on every QEMU source.
+FAST: Final = 10 << 30
+# Rows with our receiver must stay within the RAM size plus this much resident memory.
+RSS_SLACK: Final = 64 * MIB
+
+
+@dataclass
+class Row:
+    """One measured configuration."""
+
+    name: str
+    seconds: float | None = None
+    receiver_rss: int | None = None  # peak RSS of `multifd receive`, bytes
+    target: str = ""
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every row needs: the image, its size, a scratch directory, the bounds."""
+
+    image: Path
+    size: int
+    scratch: Path
+    timeout: float
+
+
+# -- rows -----------------------------------------------------------------------------------
+def raw_copy(setup: Setup, row: Row) -> None:
+    """Two TCP connections, one sender and one receiver thread each, recv_into a buffer.
+
+    Runs in a child process: its 2 GiB buffers would otherwise raise this process's peak
+    RSS, which Linux charges to every child spawned afterwards (our receivers included).
+    """
+    worker = [sys.executable, __file__, "--raw-worker", str(setup.image)]
+    done = subprocess.run(
+        [*worker, "--timeout", str(setup.timeout)],
+        capture_output=True,
+        text=True,
+        timeout=2 * setup.timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError((done.stderr.strip().splitlines() or ["no stderr"])[-1])
+    row.seconds = float(json.loads(done.stdout)["seconds"])
+
+
+def raw_worker(image: Path, timeout: float) -> None:
+    """The body of the raw row, in its own process: prints ``{"seconds": ...}``."""
+    size = image.stat().st_size
+    with (
+        image.open("rb") as file,
+        mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as src,
+        mmap.mmap(-1, size) as dest,
+    ):
+        # Touch every page first, as QEMU's prealloc=on does, so the copy times sockets only.
+        for offset in range(0, size, mmap.PAGESIZE):
+            dest[offset] = 0
+        seconds = _two_socket_copy(memoryview(src), memoryview(dest), timeout)
+        step = 64 * MIB
+        if any(src[i : i + step] != dest[i : i + step] for i in range(0, size, step)):
+            raise RuntimeError("raw copy corrupted the data")
+    print(json.dumps({"seconds": seconds}))
+
+
+def _two_socket_copy(src: memoryview, dest: memoryview, timeout: float) -> float:
+    half = len(src) // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+    spans = [slice(0, half), slice(half, len(src))]
+    errors: list[BaseException] = []
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        server.settimeout(timeout)
+        pairs = []
+        for _ in spans:  # pair each connection with its accepted end, in order
+            client = stack.enter_context(socket.create_connection(server.getsockname()[:2]))
+            pairs.append((client, stack.enter_context(server.accept()[0])))
+        threads = []
+        for (client, conn), span in zip(pairs, spans, strict=True):
+            threads.append(threading.Thread(target=_guard(errors, client.sendall, src[span])))
+            threads.append(threading.Thread(target=_guard(errors, _pull, conn, dest[span])))
+        start = time.time()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+        elapsed = time.time() - start
+    if errors or any(t.is_alive() for t in threads):
+        raise RuntimeError(f"raw copy failed: {errors or 'timeout'}")
+    return elapsed
+
+
+def _guard(
+    errors: list[BaseException], func: Callable[..., None], *args: Any
+) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            func(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+
+    return run
+
+
+def _pull(conn: socket.socket, view: memoryview) -> None:
+    done = 0
+    while done < len(view):
+        got = conn.recv_into(view[done:])
+        if not got:
+            raise EOFError(f"peer closed after {done} of {len(view)} bytes")
+        done += got
+
+
+def qemu_to_qemu(setup: Setup, row: Row) -> None:
+    """QEMU source into a pre-allocated QEMU destination."""
+    with _source_vm(setup) as source, _destination_vm(setup, channels=2) as destination:
+        source.configure(2, max_bandwidth=FAST)
+        uri = destination.listen()
+        start = time.time()
+        source.migrate(uri)
+        done = destination.wait_for_status("completed", setup.timeout)
+        row.seconds = (done.event_time or time.time()) - start
+        total = source.wait_for_status("completed", setup.timeout).info.get("total-time")
+        row.notes.append(f"source total-time {total} ms")
+        _check_same(setup.image, destination.ram_path)
+
+
+def python_to_python(channels: int) -> Callable[[Setup, Row], None]:
+    """`multifd send` into `multifd receive` with ``channels`` channels."""
+
+    def run(setup: Setup, row: Row) -> None:
+        with _receiver(setup, channels) as (receiver, uri, output):
+            start = time.time()
+            with _sender(setup, uri, channels, "native") as sender:
+                result = receiver.wait(setup.timeout)
+                _require_ok("receive", result.returncode, result.stderr)
+                sent = sender.wait(setup.timeout)
+                _require_ok("send", sent.returncode, sent.stderr)
+            row.seconds = result.end_time - start
+            row.receiver_rss = result.max_rss
+            _check_same(setup.image, output / BLOCK_NAME)
+
+    return run
+
+
+def qemu_to_python(setup: Setup, row: Row) -> None:
+    """QEMU source into `multifd receive`, 2 channels."""
+    with _receiver(setup, 2) as (receiver, uri, output), _source_vm(setup) as source:
+        source.configure(2, max_bandwidth=FAST)
+        start = time.time()
+        source.migrate(uri)
+        result = receiver.wait(setup.timeout)
+        _require_ok("receive", result.returncode, result.stderr)
+        row.seconds = result.end_time - start
+        row.receiver_rss = result.max_rss
+        _check_same(setup.image, output / BLOCK_NAME)
+
+
+def python_to_qemu(setup: Setup, row: Row) -> None:
+    """`multifd send --peer qemu-7.2` into a pre-allocated QEMU destination, 2 channels."""
+    with _destination_vm(setup, channels=2) as destination:
+        uri = destination.listen()
+        start = time.time()
+        with _sender(setup, uri, 2, "qemu-7.2") as sender:
+            sent = sender.wait(setup.timeout)
+            _require_ok("send", sent.returncode, sent.stderr)
+        done = destination.wait_for_status("completed", setup.timeout)
+        row.seconds = (done.event_time or time.time()) - start
+        _check_same(setup.image, destination.ram_path)
+
+
+# -- row plumbing ---------------------------------------------------------------------------
+def _source_vm(setup: Setup) -> QemuVm:
+    return QemuVm(
+        setup.size, ram_file=setup.image, name="src", scratch_parent=setup.scratch,
+        timeout=setup.timeout,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _destination_vm(setup: Setup, *, channels: int) -> Iterator[QemuVm]:
+    with QemuVm(
+        setup.size, name="dst", incoming=True, prealloc=True, scratch_parent=setup.scratch,
+        timeout=setup.timeout,
+    ) as destination:  # fmt: skip
+        destination.configure(channels)
+        yield destination
+
+
+@contextlib.contextmanager
+def _receiver(setup: Setup, channels: int) -> Iterator[tuple[MultifdProcess, str, Path]]:
+    output = Path(tempfile.mkdtemp(prefix="received-", dir=setup.scratch))
+    try:
+        args = receive_args("tcp:127.0.0.1:0", channels=channels, output=output)
+        with MultifdProcess(args, timeout=setup.timeout) as receiver:
+            yield receiver, as_uri(receiver.listening_address(setup.timeout)), output
+    finally:
+        for leftover in output.iterdir():
+            leftover.unlink()
+        output.rmdir()
+
+
+def _sender(setup: Setup, uri: str, channels: int, peer: str) -> MultifdProcess:
+    args = send_args(uri, {BLOCK_NAME: setup.image}, channels=channels, peer=peer)
+    return MultifdProcess(args, timeout=setup.timeout)
+
+
+def _require_ok(what: str, returncode: int, stderr: str) -> None:
+    if returncode != 0:
+        last = stderr.strip().splitlines()[-1:] or ["(no stderr)"]
+        raise RuntimeError(f"multifd {what} exited {returncode}: {last[0]}")
+
+
+def _check_same(expected: Path, actual: Path) -> None:
+    problem = ram_mismatch(expected, actual)
+    if problem is not None:
+        raise RuntimeError(f"destination differs: {problem}")
+
+
+ROWS: Final[list[tuple[str, Callable[[Setup, Row], None], str]]] = [
+    (RAW, raw_copy, ""),
+    (QEMU_QEMU, qemu_to_qemu, "reference"),
+    ("Python -> Python, 1 ch", python_to_python(1), ""),
+    ("Python -> Python, 2 ch", python_to_python(2), ">= 1.0x QEMU->QEMU"),
+    ("Python -> Python, 4 ch", python_to_python(4), ""),
+    ("QEMU 7.2 -> Python, 2 ch", qemu_to_python, ">= 0.9x QEMU->QEMU"),
+    ("Python -> QEMU 7.2, 2 ch", python_to_qemu, ">= 0.9x QEMU->QEMU"),
+]
+# Where a row's ratio to QEMU->QEMU must land, when it has a target.
+RATIO_TARGETS: Final = {
+    "Python -> Python, 2 ch": 1.0,
+    "QEMU 7.2 -> Python, 2 ch": 0.9,
+    "Python -> QEMU 7.2, 2 ch": 0.9,
+}
+
+
+def measure(setup: Setup, quick: bool) -> list[Row]:
+    """Run every row once, in order; a failing row records its error and the run goes on."""
+    rows = []
+    for name, func, target in ROWS:
+        if quick and name == "Python -> Python, 4 ch":
+            continue
+        row = Row(name, target=target)
+        print(f"  {name} ...", file=sys.stderr, flush=True)
+        try:
+            func(setup, row)
+        except Exception as exc:  # noqa: BLE001 - a row's failure is a result, not a crash
+            row.error = f"{type(exc).__name__}: {exc}"[:300]
+            row.seconds = None
+        rows.append(row)
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------------
+def _rate(size: int, row: Row | None) -> float | None:
+    if row is None or row.seconds is None or row.error or row.seconds <= 0:
+        return None
+    return size / row.seconds / 1e6
+
+
+def _verdicts(row: Row, size: int, ratio_qemu: float | None) -> list[str]:
+    verdicts = []
+    wanted = RATIO_TARGETS.get(row.name)
+    if wanted is not None and ratio_qemu is not None:
+        verdicts.append(f"speed {'met' if ratio_qemu >= wanted else 'MISSED'}")
+    if row.receiver_rss is not None:
+        ok = row.receiver_rss <= size + RSS_SLACK
+        verdicts.append(f"RSS {'met' if ok else 'MISSED'}")
+    return verdicts
+
+
+def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]]]:
+    """The markdown table and the same data as JSON-ready dicts."""
+    by_name = {row.name: row for row in rows}
+    qemu, raw = _rate(size, by_name.get(QEMU_QEMU)), _rate(size, by_name.get(RAW))
+    head = "| Row | MB/s | vs QEMU->QEMU | vs raw | seconds | receiver peak RSS | target | result |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---|---|"]
+    records = []
+    for row in rows:
+        rate = _rate(size, row)
+        vs_qemu = rate / qemu if rate and qemu else None
+        vs_raw = rate / raw if rate and raw else None
+        rss = f"{row.receiver_rss / MIB:.0f} MiB" if row.receiver_rss else ""
+        if row.receiver_rss:
+            rss += f" (limit {(size + RSS_SLACK) / MIB:.0f})"
+        result = f"error: {row.error}" if row.error else ", ".join(_verdicts(row, size, vs_qemu))
+        lines.append(
+            f"| {row.name} | {_fmt(rate, '.0f')} | {_fmt(vs_qemu, '.2f', 'x')} | "
+            f"{_fmt(vs_raw, '.2f', 'x')} | {_fmt(row.seconds, '.3f')} | {rss} | {row.target} "
+            f"| {result.replace('|', '/')} |"
+        )
+        records.append(asdict(row) | {"mb_per_s": rate, "vs_qemu": vs_qemu, "vs_raw": vs_raw})
+    return "\n".join(lines), records
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "" if value is None else f"{value:{spec}}{suffix}"
+
+
+def machine() -> dict[str, str]:
+    """What the numbers depend on."""
+    qemu = subprocess.run(
+        [QEMU_BINARY, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.splitlines()
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")), platform.processor(),
+    )  # fmt: skip
+    return {
+        "cpu": f"{model} x {os.cpu_count()}",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "qemu": qemu[0] if qemu else "not found",
+    }
+
+
+def cli_startup(timeout: float) -> float | None:
+    """Seconds for ``python -m multifd --help``: the fixed cost inside Python-sender rows."""
+    start = time.time()
+    done = subprocess.run(
+        multifd_command("--help"), capture_output=True, timeout=timeout, check=False
+    )
+    return time.time() - start if done.returncode == 0 else None
+
+
+def _own_peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def save(markdown: str, data: dict[str, Any], today: str) -> Path:
+    """Write results/throughput-<today>.md and .json; returns the markdown path."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"throughput-{today}.md"
+    path.write_text(markdown)
+    path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict[str, Any]]:
+    """The full markdown report and the JSON document."""
+    info = machine()
+    body, records = table(rows, size)
+    today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    notes = [f"- {row.name}: {'; '.join(row.notes)}" for row in rows if row.notes]
+    floor = _own_peak_rss()
+    notes.append(
+        f"- receiver peak RSS = `wait4` ru_maxrss of `multifd receive`; Linux also charges the "
+        f"spawning process's peak RSS ({floor / MIB:.0f} MiB here) to a vfork'd child, so "
+        "readings at that floor are upper bounds"
+    )
+    start_note = f"{startup:.2f} s" if startup is not None else "unavailable"
+    markdown = "\n".join([
+        f"# Throughput, {size / MIB:.0f} MiB of random RAM over loopback ({today})",
+        "",
+        *(f"- {key}: {value}" for key, value in info.items()),
+        f"- `python -m multifd --help` start-up: {start_note} (in rows where Python sends)",
+        "- MB/s = 10^6 bytes/s, wall clock from source start to destination completion",
+        "",
+        body,
+        "",
+        *notes,
+        "",
+    ])  # fmt: skip
+    data = {"when": today, "size": size, "machine": info, "cli_startup_s": startup}
+    return markdown, data | {"rows": records}
+
+
+# -- main -----------------------------------------------------------------------------------
+def parse_size(text: str) -> int:
+    """``2G``, ``512M``, ``64K`` or a byte count."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 even when rows failed: they are results)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size", type=parse_size, default=None, help="RAM size (default 2G)")
+    parser.add_argument("--quick", action="store_true", help="256 MiB and fewer rows")
+    parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.raw_worker is not None:
+        raw_worker(args.raw_worker, args.timeout)
+        return 0
+    size = args.size or (256 * MIB if args.quick else 2 << 30)
+    if size <= 0 or size % mmap.PAGESIZE:
+        parser.error("--size must be a positive multiple of the page size")
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(
+        prefix="multifd-bench-", dir=shm if shm.is_dir() else None
+    ) as tmp:
+        setup = Setup(Path(tmp) / "source.ram", size, Path(tmp), timeout=60 + size / (50 * MIB))
+        print(f"writing {size / MIB:.0f} MiB of random RAM ...", file=sys.stderr)
+        write_ram_image(setup.image, size, seed=2024, pattern="random")
+        startup = cli_startup(setup.timeout)
+        rows = measure(setup, args.quick)
+    markdown, data = report(rows, size, startup)
+    print(markdown)
+    if not args.no_save:
+        path = save(markdown, data, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
+        print(f"saved {path} and {path.with_suffix('.json').name}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

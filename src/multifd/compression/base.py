@@ -1,0 +1,126 @@
+"""What every multifd compression method provides, and helpers they share.
+
+A method is a pair of stateful objects, one per channel and per direction, that live for
+the whole migration: QEMU never resets its deflate/zstd streams between packets (spec
+section 4), so a packet can only be decompressed by the object that decompressed every
+earlier packet of the same channel. Each object belongs to one channel thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from multifd.errors import ProtocolError
+from multifd.wire.constants import MAX_COMPRESSED_PAYLOAD, PAGE_SIZE
+
+
+class Compressor(Protocol):
+    """The sending half of a method, for one channel.
+
+    Attributes:
+        flag: the method's value in the packet ``flags`` field (``MULTIFD_FLAG_*``).
+    """
+
+    flag: int
+
+    def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
+        """One packet's payload: every page fed in order, the last with a sync flush.
+
+        The stream is never ended, so the next packet continues it.
+
+        Raises:
+            ValueError: ``pages`` is empty or a page is not ``PAGE_SIZE`` bytes.
+        """
+        ...
+
+
+class Decompressor(Protocol):
+    """The receiving half of a method, for one channel.
+
+    Attributes:
+        flag: the method's value in the packet ``flags`` field (``MULTIFD_FLAG_*``).
+    """
+
+    flag: int
+
+    def decompress_into(
+        self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
+    ) -> None:
+        """Decompress one packet's payload, writing page ``i`` into ``out[i]``.
+
+        The payload must produce exactly ``len(out) * PAGE_SIZE`` bytes; output is
+        bounded by that size whatever the payload claims (no decompression bombs).
+
+        Raises:
+            ProtocolError: the payload is corrupt, too short or too long, or an earlier
+                payload on this channel was.
+            ValueError: an ``out`` view is not ``PAGE_SIZE`` writable bytes.
+        """
+        ...
+
+
+def check_pages(pages: Sequence[memoryview | bytes]) -> None:
+    """Reject what no packet may carry: no pages, or a page of the wrong size."""
+    if not pages:
+        raise ValueError("a compressed packet needs at least one page")
+    for page in pages:
+        if len(page) != PAGE_SIZE:
+            raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
+
+
+def check_out(out: Sequence[memoryview]) -> None:
+    """Reject output views that cannot take one page each."""
+    for view in out:
+        if view.readonly or view.nbytes != PAGE_SIZE:
+            raise ValueError(f"each output view must be {PAGE_SIZE} writable bytes")
+
+
+def check_payload(payload: bytes | memoryview, pages: int, method: str, *, channel: str) -> None:
+    """Reject a payload no QEMU would send: too large, or data for a packet without pages."""
+    if len(payload) > MAX_COMPRESSED_PAYLOAD:
+        raise ProtocolError(
+            f"{method} payload size",
+            channel=channel,
+            expected=f"<= {MAX_COMPRESSED_PAYLOAD}",
+            received=len(payload),
+        )
+    if not pages and payload:
+        raise ProtocolError(
+            f"{method} payload for a packet without pages",
+            channel=channel,
+            expected=0,
+            received=len(payload),
+        )
+
+
+def scatter(data: bytes | memoryview, out: Sequence[memoryview]) -> None:
+    """Copy ``len(out)`` pages of ``data`` into the output views."""
+    with memoryview(data) as view:
+        for index, page in enumerate(out):
+            page[:] = view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+
+
+class Poisoned:
+    """Remembers the first error of a decompression stream, which it cannot recover from."""
+
+    def __init__(self, method: str) -> None:
+        self._method = method
+        self._error: ProtocolError | None = None
+
+    def check(self, channel: str) -> None:
+        """Raise if an earlier payload broke the stream."""
+        if self._error is not None:
+            raise ProtocolError(
+                f"{self._method} stream unusable after an earlier error",
+                channel=channel,
+                expected="a healthy stream",
+                received=self._error.what,
+            ) from self._error
+
+    def fail(self, what: str, *, channel: str, expected: object, received: object) -> ProtocolError:
+        """Record and return the error that breaks the stream (the caller raises it)."""
+        self._error = ProtocolError(
+            f"{self._method} {what}", channel=channel, expected=expected, received=received
+        )
+        return self._error

@@ -1,0 +1,76 @@
+"""multifd ``zlib`` compression (spec section 4.1): one deflate stream per channel.
+
+Per packet the sender deflates each page with no flush and ends with ``Z_SYNC_FLUSH``, so
+every payload ends on a byte boundary with the empty stored block ``00 00 ff ff`` and the
+stream is never finished. The first payload of a channel starts with the zlib header.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Final
+
+from multifd.compression.base import Poisoned, check_out, check_pages, check_payload, scatter
+from multifd.wire.constants import MULTIFD_FLAG_ZLIB, PAGE_SIZE
+
+METHOD: Final = "zlib"
+MIN_LEVEL: Final = 0
+MAX_LEVEL: Final = 9
+DEFAULT_LEVEL: Final = 1  # multifd-zlib-level default
+
+
+class ZlibCompressor:
+    """Deflate side of one channel (QEMU ``deflateInit(level)``: zlib wrapper, window 15)."""
+
+    flag = MULTIFD_FLAG_ZLIB
+
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        self._deflate = zlib.compressobj(level)  # owned by the channel's send thread
+
+    def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
+        check_pages(pages)
+        parts = [self._deflate.compress(page) for page in pages]
+        parts.append(self._deflate.flush(zlib.Z_SYNC_FLUSH))
+        return b"".join(parts)
+
+
+class ZlibDecompressor:
+    """Inflate side of one channel; rejects a finished stream as QEMU does."""
+
+    flag = MULTIFD_FLAG_ZLIB
+
+    def __init__(self) -> None:
+        self._inflate = zlib.decompressobj()  # owned by the channel's receive thread
+        self._poisoned = Poisoned(METHOD)
+
+    def decompress_into(
+        self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
+    ) -> None:
+        self._poisoned.check(channel)
+        check_out(out)
+        check_payload(payload, len(out), METHOD, channel=channel)
+        if not out:
+            return
+        expected = len(out) * PAGE_SIZE
+        try:
+            # One byte of slack tells "exactly right" from "too much" without ever
+            # producing more than a packet's worth of output.
+            data = self._inflate.decompress(payload, expected + 1)
+        except zlib.error as exc:
+            raise self._poisoned.fail(
+                "payload", channel=channel, expected="a deflate stream", received=str(exc)
+            ) from None
+        if self._inflate.eof:
+            raise self._poisoned.fail(
+                "stream ended",
+                channel=channel,
+                expected="Z_SYNC_FLUSH packets",
+                received="the end of the deflate stream (Z_FINISH)",
+            )
+        if len(data) != expected or self._inflate.unconsumed_tail:
+            received = len(data) if len(data) <= expected else f"more than {expected}"
+            raise self._poisoned.fail(
+                "packet size", channel=channel, expected=expected, received=received
+            )
+        scatter(data, out)

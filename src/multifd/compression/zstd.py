@@ -1,0 +1,121 @@
+"""multifd ``zstd`` compression (spec section 4.2): one zstd frame per channel, never ended.
+
+Per packet the sender compresses each page with ``ZSTD_e_continue`` and ends with
+``ZSTD_e_flush``, so each payload holds whole blocks of one endless frame; the first
+payload of a channel starts with the frame header.
+
+The receiver uses zstandard's stream writer rather than a decompression object: the writer
+hands output to a sink in bounded chunks, so the sink can stop a payload that inflates
+beyond its packet (a decompression bomb) after at most one chunk, and can copy the output
+straight into the destination pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import IO, Final, cast
+
+import zstandard
+
+from multifd.compression.base import Poisoned, check_out, check_pages, check_payload
+from multifd.errors import ProtocolError
+from multifd.wire.constants import MULTIFD_FLAG_ZSTD, PAGE_SIZE, PAGES_PER_PACKET
+
+METHOD: Final = "zstd"
+MIN_LEVEL: Final = 0  # 0 means libzstd's default level (3), in QEMU and in zstandard
+MAX_LEVEL: Final = 20
+DEFAULT_LEVEL: Final = 1  # multifd-zstd-level default
+
+# Output chunk of the stream writer. Larger than a whole packet plus one zstd block, so a
+# packet's output always comes out within one write() call: a chunk that fills up before
+# the input is consumed could leave decoded bytes inside libzstd until the next packet.
+_WRITE_SIZE: Final = PAGES_PER_PACKET * PAGE_SIZE + (128 << 10) + PAGE_SIZE
+
+
+class ZstdCompressor:
+    """Compression side of one channel (QEMU ``ZSTD_initCStream(level)``)."""
+
+    flag = MULTIFD_FLAG_ZSTD
+
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        # owned by the channel's send thread
+        self._cctx = zstandard.ZstdCompressor(level=level).compressobj()
+
+    def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
+        check_pages(pages)
+        parts = [self._cctx.compress(page) for page in pages]
+        parts.append(self._cctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        return b"".join(parts)
+
+
+class _PacketOverflowError(Exception):
+    """Raised by the sink to abort a payload that produces more than its packet holds."""
+
+
+class _PageSink:
+    """Receives decompressed chunks and copies them into the current packet's pages."""
+
+    def __init__(self) -> None:
+        self.pages: Sequence[memoryview] = ()
+        self.written = 0
+
+    def start(self, pages: Sequence[memoryview]) -> None:
+        self.pages = pages
+        self.written = 0
+
+    def finish(self) -> int:
+        """Drop the page views (so the caller may release its buffers); bytes written."""
+        self.pages = ()
+        return self.written
+
+    def write(self, chunk: bytes) -> int:
+        end = self.written + len(chunk)
+        if end > len(self.pages) * PAGE_SIZE:
+            raise _PacketOverflowError
+        with memoryview(chunk) as source:
+            used = 0
+            while used < len(source):
+                index, at = divmod(self.written + used, PAGE_SIZE)
+                count = min(PAGE_SIZE - at, len(source) - used)
+                self.pages[index][at : at + count] = source[used : used + count]
+                used += count
+        self.written = end
+        return len(chunk)
+
+
+class ZstdDecompressor:
+    """Decompression side of one channel (QEMU ``ZSTD_initDStream``)."""
+
+    flag = MULTIFD_FLAG_ZSTD
+
+    def __init__(self) -> None:
+        # The sink and the writer are owned by the channel's receive thread.
+        self._sink = _PageSink()
+        self._writer = zstandard.ZstdDecompressor().stream_writer(
+            cast(IO[bytes], self._sink), write_size=_WRITE_SIZE, write_return_read=True
+        )
+        self._poisoned = Poisoned(METHOD)
+
+    def decompress_into(
+        self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
+    ) -> None:
+        self._poisoned.check(channel)
+        check_out(out)
+        check_payload(payload, len(out), METHOD, channel=channel)
+        if not out:
+            return
+        expected = len(out) * PAGE_SIZE
+        self._sink.start(out)
+        try:
+            self._writer.write(payload)
+        except _PacketOverflowError:
+            raise self._fail("packet size", channel, expected, f"more than {expected}") from None
+        except zstandard.ZstdError as exc:
+            raise self._fail("payload", channel, "a zstd stream", str(exc)) from None
+        finally:
+            written = self._sink.finish()
+        if written != expected:
+            raise self._fail("packet size", channel, expected, written)
+
+    def _fail(self, what: str, channel: str, expected: object, received: object) -> ProtocolError:
+        return self._poisoned.fail(what, channel=channel, expected=expected, received=received)

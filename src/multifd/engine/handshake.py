@@ -1,0 +1,207 @@
+"""The two multifd handshakes as transition tables: pure data plus one pure function.
+
+Theory of operation
+-------------------
+Send side, one table per channel. The requester (the migration thread) and the channel
+thread share two request flags, never a counter (spec 6.4):
+
+* ``pending_job``: a batch of pages was handed over; set by ``HAND_JOB`` (allowed only while
+  the flag is clear, so a batch is never overwritten), cleared by ``PAGES_SENT``.
+* ``pending_sync``: a SYNC packet was requested; set by ``REQUEST_SYNC``, cleared by
+  ``SYNC_SENT``.
+
+Every request is followed by one post of the channel's ``sem``; each ``WAKE`` (one acquire)
+serves exactly one request, the job first, and leaves the flags untouched while the
+thread writes: the flag is cleared by the matching ``*_SENT`` event once the bytes are on
+the socket. So a job and a sync that arrive together are two wake-ups and two packets --
+pages without SYNC, then a SYNC without pages. A counter merged them into one wake-up that
+sent a SYNC packet carrying pages and then an empty packet (the race QEMU 9.0 fixed).
+
+Receive side, one table per channel. A channel thread reads packets in order; it applies a
+packet's pages *before* it steps the table, so pages inside an old sender's SYNC packet are
+in memory before the SYNC is honoured. At a SYNC a ``RUNNING`` channel parks
+(``AT_SYNC_POSTED``: it has told the loader it reached the sync). The loader, at each
+marker of the main stream, waits until every channel is parked, then releases them all
+(``RELEASE``, a two-phase barrier); a released thread takes ``WAKE`` and runs again.
+``FINISH`` ends the migration: SYNCs stop being honoured (QEMU 9.1/9.2 senders send
+trailing SYNCs without a marker), parked threads are freed, and each thread reads to end of
+stream. A clean end of stream before ``FINISH`` is remembered (``EOF_SEEN``) so that the
+loader fails fast instead of waiting for a SYNC that cannot come.
+
+A missing ``(state, event)`` pair is a broken protocol or a bug: :func:`step` raises
+:class:`IllegalTransition`. The engine threads take every decision through these tables,
+and an interleaving explorer can enumerate the same tables.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Final, TypeVar, overload
+
+
+class IllegalTransition(RuntimeError):
+    """An event that the handshake does not allow in the current state."""
+
+
+# --- send side -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendState:
+    """The request flags of one send channel (QEMU ``MultiFDSendParams``)."""
+
+    pending_job: bool = False  # pending_job: a batch is handed over
+    pending_sync: bool = False  # pending_sync: a SYNC packet is requested
+
+
+class SendEvent(enum.Enum):
+    HAND_JOB = "hand_job"  # requester swapped a full batch in (only when no job is pending)
+    REQUEST_SYNC = "request_sync"  # requester asks for one SYNC packet
+    WAKE = "wake"  # channel thread acquired its sem
+    PAGES_SENT = "pages_sent"  # channel thread wrote the page packet
+    SYNC_SENT = "sync_sent"  # channel thread wrote the SYNC packet
+
+
+class SendAction(enum.Enum):
+    NONE = "none"  # nothing to do (a wake-up with no request: shutdown)
+    POST_SEM = "post_sem"  # requester: post the channel's sem after setting a flag
+    SEND_PAGES = "send_pages"  # thread: write the batch as one packet without SYNC
+    SEND_SYNC = "send_sync"  # thread: write one SYNC packet without pages
+    POST_CHANNELS_READY = "post_channels_ready"  # thread: the channel can take a batch
+    POST_SEM_SYNC = "post_sem_sync"  # thread: tell the requester the SYNC is written
+
+
+def _send_table() -> dict[tuple[SendState, SendEvent], tuple[SendState, SendAction]]:
+    table: dict[tuple[SendState, SendEvent], tuple[SendState, SendAction]] = {}
+    for job in (False, True):
+        for sync in (False, True):
+            state = SendState(job, sync)
+            if not job:
+                table[state, SendEvent.HAND_JOB] = (SendState(True, sync), SendAction.POST_SEM)
+            if not sync:
+                table[state, SendEvent.REQUEST_SYNC] = (SendState(job, True), SendAction.POST_SEM)
+            if job:
+                table[state, SendEvent.WAKE] = (state, SendAction.SEND_PAGES)
+                table[state, SendEvent.PAGES_SENT] = (
+                    SendState(False, sync),
+                    SendAction.POST_CHANNELS_READY,
+                )
+            elif sync:
+                table[state, SendEvent.WAKE] = (state, SendAction.SEND_SYNC)
+                table[state, SendEvent.SYNC_SENT] = (SendState(), SendAction.POST_SEM_SYNC)
+            else:
+                table[state, SendEvent.WAKE] = (state, SendAction.NONE)
+    return table
+
+
+SEND_TABLE: Final[Mapping[tuple[SendState, SendEvent], tuple[SendState, SendAction]]] = (
+    MappingProxyType(_send_table())
+)
+"""Send channel: ``(state, event) -> (next state, action)``; 4 states x 5 events."""
+
+SEND_INITIAL: Final = SendState()
+
+
+# --- receive side --------------------------------------------------------------------------
+
+
+class RecvState(enum.Enum):
+    RUNNING = "running"  # reading packets; SYNCs are honoured
+    AT_SYNC_POSTED = "at_sync_posted"  # read a SYNC, told the loader, parked until released
+    RELEASED = "released"  # the loader let it go; the thread has not woken yet
+    DRAINING = "draining"  # after finish(): reading to end of stream, SYNCs not honoured
+    EOF_SEEN = "eof_seen"  # clean end of stream before finish(): can never reach a SYNC
+    DONE = "done"  # clean end of stream after finish()
+
+
+class RecvEvent(enum.Enum):
+    PACKET = "packet"  # thread: read (and applied) a packet without SYNC
+    SYNC = "sync"  # thread: read (and applied) a packet with SYNC
+    EOF = "eof"  # thread: end of stream exactly at a packet boundary
+    WAKE = "wake"  # thread: woke up after parking
+    RELEASE = "release"  # loader: every channel is parked, let this one go
+    FINISH = "finish"  # loader: end of migration
+
+
+class RecvAction(enum.Enum):
+    CONTINUE = "continue"  # thread: read the next packet
+    PARK = "park"  # thread: wake the loader, then wait until released
+    NOTIFY = "notify"  # loader: wake the parked thread
+    EXIT = "exit"  # thread: stop reading
+    NONE = "none"  # nothing to do
+
+
+_R = RecvState
+_E = RecvEvent
+_A = RecvAction
+
+RECV_TABLE: Final[Mapping[tuple[RecvState, RecvEvent], tuple[RecvState, RecvAction]]] = (
+    MappingProxyType(
+        {
+            (_R.RUNNING, _E.PACKET): (_R.RUNNING, _A.CONTINUE),
+            (_R.RUNNING, _E.SYNC): (_R.AT_SYNC_POSTED, _A.PARK),
+            (_R.RUNNING, _E.EOF): (_R.EOF_SEEN, _A.EXIT),
+            (_R.RUNNING, _E.FINISH): (_R.DRAINING, _A.NONE),
+            (_R.AT_SYNC_POSTED, _E.RELEASE): (_R.RELEASED, _A.NOTIFY),
+            (_R.AT_SYNC_POSTED, _E.FINISH): (_R.DRAINING, _A.NOTIFY),
+            (_R.RELEASED, _E.WAKE): (_R.RUNNING, _A.CONTINUE),
+            (_R.RELEASED, _E.FINISH): (_R.DRAINING, _A.NONE),
+            (_R.DRAINING, _E.WAKE): (_R.DRAINING, _A.CONTINUE),
+            (_R.DRAINING, _E.PACKET): (_R.DRAINING, _A.CONTINUE),
+            (_R.DRAINING, _E.SYNC): (_R.DRAINING, _A.CONTINUE),
+            (_R.DRAINING, _E.EOF): (_R.DONE, _A.EXIT),
+            (_R.DRAINING, _E.FINISH): (_R.DRAINING, _A.NONE),
+            (_R.EOF_SEEN, _E.FINISH): (_R.DONE, _A.NONE),
+            (_R.DONE, _E.FINISH): (_R.DONE, _A.NONE),
+        }
+    )
+)
+"""Receive channel: ``(state, event) -> (next state, action)``."""
+
+RECV_INITIAL: Final = RecvState.RUNNING
+
+# States in which a thread waits for the loader rather than reading its socket.
+RECV_PARKED: Final = frozenset({RecvState.AT_SYNC_POSTED})
+
+
+# --- the transition function --------------------------------------------------------------
+
+S = TypeVar("S")
+E = TypeVar("E")
+A = TypeVar("A")
+
+
+def lookup(table: Mapping[tuple[S, E], tuple[S, A]], state: S, event: E) -> tuple[S, A]:
+    """The next state and the action for ``event`` in ``state`` according to ``table``.
+
+    Raises:
+        IllegalTransition: the table has no entry for ``(state, event)``.
+    """
+    try:
+        return table[state, event]
+    except KeyError:
+        raise IllegalTransition(f"{event} is not allowed in state {state}") from None
+
+
+@overload
+def step(state: SendState, event: SendEvent) -> tuple[SendState, SendAction]: ...
+@overload
+def step(state: RecvState, event: RecvEvent) -> tuple[RecvState, RecvAction]: ...
+@overload
+def step(state: S, event: E, *, table: Mapping[tuple[S, E], tuple[S, A]]) -> tuple[S, A]: ...
+def step(state: object, event: object, *, table: Mapping[Any, Any] | None = None) -> Any:
+    """One transition: ``(state, event) -> (next state, action)``.
+
+    Without ``table`` the handshake is chosen by the type of ``state``: :data:`SEND_TABLE`
+    for a :class:`SendState`, :data:`RECV_TABLE` for a :class:`RecvState`. Passing another
+    ``table`` runs an alternative handshake (tests and the interleaving explorer do).
+
+    Raises:
+        IllegalTransition: the event is not allowed in this state.
+    """
+    if table is None:
+        table = SEND_TABLE if isinstance(state, SendState) else RECV_TABLE
+    return lookup(table, state, event)

@@ -1,0 +1,444 @@
+"""The receive side of multifd: one thread per channel, applying pages in place.
+
+Each channel thread reads packets in order, checks them (spec 3.4 plus page alignment),
+reads page data straight into the destination's RAM and steps the receive handshake of
+:mod:`multifd.engine.handshake`. The main-stream loader meets the threads at every marker
+through :meth:`Receiver.wait_sync`, a two-phase barrier (QEMU ``multifd_recv_sync_main()``,
+spec 6.1). Whatever QEMU 7.2 and later send is accepted: pages inside SYNC packets (applied
+before the SYNC is honoured), empty flag-0 packets, stale fields when the counts are zero,
+the same page twice, ``pages_alloc`` from 0 to 128.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Final
+
+import numpy as np
+
+from multifd.engine.handshake import (
+    RECV_INITIAL,
+    RecvAction,
+    RecvEvent,
+    RecvState,
+    step,
+)
+from multifd.compression import Decompressor, decompressor, flag_of
+from multifd.engine.pageio import Offsets, channel_io, page_runs, recv_exact
+from multifd.engine.shutdown import Shutdown
+from multifd.engine.stats import ChannelCounters, Counters
+from multifd.engine.trace import TraceHook, emit
+from multifd.errors import (
+    UNIDENTIFIED,
+    ChannelError,
+    ConfigError,
+    MultifdError,
+    ProtocolError,
+    multifd_channel,
+)
+from multifd.ram import Ram, RamBlock
+from multifd.wire.constants import (
+    INIT_PACKET_SIZE,
+    MAX_COMPRESSED_PAYLOAD,
+    PACKET_FIXED_SIZE,
+    PACKET_HEADER_SIZE,
+    PAGE_SHIFT,
+    UUID_SIZE,
+)
+from multifd.wire.packets import InitPacket, RamPacket
+
+# Parked threads and the loader re-check for shutdown this often even without a notify.
+_POLL: Final = 0.25
+_MAX_CHANNELS: Final = 256  # the init packet's id is one byte
+_FINISHED: Final = frozenset({RecvState.EOF_SEEN, RecvState.DONE})
+
+
+class _RecvChannel:
+    """One multifd receive channel: its socket, its thread and its half of the barrier."""
+
+    def __init__(self, owner: Receiver, index: int, sock: socket.socket) -> None:
+        # Immutable after construction.
+        self.owner = owner
+        self.index = index
+        self.name = multifd_channel(index)
+        self.sock = sock
+        self.log = logging.getLogger(f"multifd.recv.ch{index}")
+        self.thread = threading.Thread(target=self._run, name=f"recv-{self.name}")
+        # Guarded by owner.cond.
+        self.state: RecvState = RECV_INITIAL
+        # Owned by the channel thread.
+        self.decompressor: Decompressor | None = decompressor(owner.compression)
+        self.header = bytearray(PACKET_HEADER_SIZE)
+        self.header_view = memoryview(self.header)
+        self.payload = memoryview(bytearray(MAX_COMPRESSED_PAYLOAD if self.decompressor else 0))
+        self.counters = Counters(self.name)
+        self.counters.bytes = INIT_PACKET_SIZE
+
+    # -- the thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._handle_packet():
+                pass
+        except MultifdError as exc:
+            self.owner.shutdown.fail(exc, self.name)
+        except Exception as exc:
+            self.log.exception("receive thread failed")
+            self.owner.shutdown.fail(exc, self.name)
+        self.log.debug("receive thread exits")
+
+    def _handle_packet(self) -> bool:
+        """Read, check and apply one packet, then step the barrier; False to stop."""
+        got = self._read_header()
+        if got == 0:
+            self._transition(RecvEvent.EOF)
+            return False
+        if got < PACKET_HEADER_SIZE:
+            raise ProtocolError(
+                "unexpected EOF in packet header", channel=self.name,
+                expected=f"{PACKET_HEADER_SIZE} bytes", received=f"{got} bytes",
+            )
+        packet = RamPacket.unpack(self.header_view, channel=self.name)
+        size = self._apply(packet) if packet.page_count else 0
+        self.counters.count(
+            pages=packet.normal_pages, zero_pages=packet.zero_pages, sync=packet.is_sync,
+            size=PACKET_HEADER_SIZE + size,
+        )
+        emit(self.owner.trace, "recv", self.name, packet=packet)
+        # Pages, even those inside an old sender's SYNC packet, are applied by now.
+        action = self._transition(RecvEvent.SYNC if packet.is_sync else RecvEvent.PACKET)
+        if action is RecvAction.PARK:
+            return self._park()
+        return action is RecvAction.CONTINUE
+
+    def _transition(self, event: RecvEvent) -> RecvAction:
+        with self.owner.cond:
+            self.state, action = step(self.state, event)
+            if action is RecvAction.PARK or event is RecvEvent.EOF:
+                self.owner.cond.notify_all()  # the loader may wait for this channel
+        return action
+
+    def _park(self) -> bool:
+        """Wait until the loader releases this channel (or finishes, or shuts down)."""
+        cond = self.owner.cond
+        with cond:
+            while self.state is RecvState.AT_SYNC_POSTED:
+                if self.owner.shutdown.exiting:
+                    return False
+                cond.wait(_POLL)  # notified by wait_sync(), finish() and the shutdown path
+            self.state, action = step(self.state, RecvEvent.WAKE)
+        return action is RecvAction.CONTINUE and not self.owner.shutdown.exiting
+
+    def _read_header(self) -> int:
+        """Bytes of the next header read: 0 at end of stream, short inside a packet."""
+        view = self.header_view
+        got = 0
+        with channel_io(self.name, "read", self.owner.io_timeout):
+            while got < PACKET_HEADER_SIZE:
+                try:
+                    count = self.sock.recv_into(view[got:] if got else view)
+                except TimeoutError:
+                    # Between packets a channel may idle as long as the source likes.
+                    if got or self.owner.shutdown.exiting:
+                        raise
+                    continue
+                if count == 0:
+                    break
+                got += count
+        return got
+
+    # -- pages -----------------------------------------------------------------------------
+    def _apply(self, packet: RamPacket) -> int:
+        """Apply the pages of ``packet``; returns the payload bytes read."""
+        block = self.owner.ram.get(packet.ramblock)
+        if block is None:
+            raise ProtocolError(
+                "unknown ramblock", channel=self.name,
+                expected=f"one of {[b.name for b in self.owner.ram]}",
+                received=repr(packet.ramblock),
+            )
+        packet.check_offsets(block.size, channel=self.name)
+        offsets: Offsets = np.frombuffer(
+            self.header, dtype=">u8", count=packet.page_count, offset=PACKET_FIXED_SIZE
+        ).astype(np.int64)
+        normal = packet.normal_pages
+        size = 0
+        if normal:
+            if packet.method != self.owner.flag:
+                raise ProtocolError(
+                    "packet compression method", channel=self.name,
+                    expected=f"{self.owner.flag:#x} ({self.owner.compression})",
+                    received=f"{packet.method:#x}",
+                )
+            size = self._read_pages(packet, block, offsets[:normal])
+        if packet.zero_pages:
+            block.pages[offsets[normal:] >> PAGE_SHIFT] = 0
+        return size
+
+    def _read_pages(self, packet: RamPacket, block: RamBlock, offsets: Offsets) -> int:
+        if self.decompressor is None:
+            # nocomp: next_packet_size is not trusted; the page count says it all.
+            runs = page_runs(offsets)
+            total = sum(length for _, length in runs)
+            done = 0
+            for start, length in runs:
+                with channel_io(self.name, "read", self.owner.io_timeout):
+                    got = recv_exact(self.sock, block.view[start : start + length])
+                done += got
+                if got < length:
+                    self._eof_in_payload(total, done)
+            return total
+        size = packet.next_packet_size
+        if size > MAX_COMPRESSED_PAYLOAD:
+            raise ProtocolError(
+                "next_packet_size", channel=self.name,
+                expected=f"<= {MAX_COMPRESSED_PAYLOAD}", received=size,
+            )
+        payload = self.payload[:size]
+        with channel_io(self.name, "read", self.owner.io_timeout):
+            got = recv_exact(self.sock, payload)
+        if got < size:
+            self._eof_in_payload(size, got)
+        pages = [block.page_view(offset) for offset in offsets.tolist()]
+        self.decompressor.decompress_into(payload, pages, channel=self.name)
+        return size
+
+    def _eof_in_payload(self, expected: int, received: int) -> None:
+        raise ProtocolError(
+            "unexpected EOF in page data", channel=self.name,
+            expected=f"{expected} bytes", received=f"{received} bytes",
+        )
+
+
+class Receiver:
+    """The multifd channels of a migration destination (QEMU ``multifd_recv_state``).
+
+    The receiver takes ownership of every socket given to :meth:`accept_channel`. One
+    thread (the main-stream loader) calls :meth:`accept_channel`, :meth:`wait_sync` and
+    :meth:`finish`; :meth:`close`, :meth:`abort`, :meth:`check` and :meth:`stats` may be
+    called from any thread. Blocks may be added to ``ram`` while channels run: each packet
+    looks its block up when it arrives.
+
+    Args:
+        ram: the destination's blocks; pages are written into them in place.
+        channels: the number of multifd channels.
+        uuid: the UUID every init packet must carry; None accepts any.
+        compression: ``"none"``, ``"zlib"`` or ``"zstd"``; must match the source.
+        trace: called with every packet after it was applied.
+        io_timeout: seconds a read inside a packet may block before the channel fails.
+    """
+
+    def __init__(
+        self,
+        ram: Ram,
+        *,
+        channels: int,
+        uuid: bytes | None = None,
+        compression: str = "none",
+        trace: TraceHook | None = None,
+        io_timeout: float = 30.0,
+    ) -> None:
+        if not 1 <= channels <= _MAX_CHANNELS:
+            raise ConfigError(f"channels must be 1..{_MAX_CHANNELS}, got {channels}")
+        if uuid is not None and len(uuid) != UUID_SIZE:
+            raise ConfigError(f"uuid must be {UUID_SIZE} bytes, got {len(uuid)}")
+        # Immutable after construction (ram's content changes, the object does not).
+        self.ram = ram
+        self.channels = channels
+        self.uuid = uuid
+        self.compression = compression
+        self.flag = flag_of(compression)  # method bits every packet with pages must carry
+        self.trace = trace
+        self.io_timeout = io_timeout
+        self.log = logging.getLogger("multifd.recv")
+        # The barrier: guards every channel's state, _channels and _finishing; the loader
+        # waits on it for the channels to park, parked threads wait on it for release.
+        self.cond = threading.Condition()
+        self._channels: list[_RecvChannel | None] = [None] * channels
+        self._finishing = False
+        self.shutdown = Shutdown("multifd receive", self.log)
+        self.shutdown.add_wakeup(self._notify_all)
+
+    # -- setup -----------------------------------------------------------------------------
+    def accept_channel(self, sock: socket.socket, timeout: float) -> int:
+        """Read the init packet from ``sock``, check it and start the channel's thread.
+
+        Returns:
+            The channel id the peer announced.
+
+        Raises:
+            ProtocolError: bad magic, version, uuid, an id out of range or already used.
+            ChannelError: the init packet did not arrive within ``timeout`` seconds.
+            MigrationFailed: the receiver already failed.
+        """
+        self.shutdown.raise_if_stopped()
+        try:
+            init = self._read_init(sock, timeout)
+            channel = self._register(init, sock)
+        except MultifdError as exc:
+            sock.close()
+            self.shutdown.fail(exc, getattr(exc, "channel", UNIDENTIFIED))
+            raise
+        channel.thread.start()
+        return channel.index
+
+    def _read_init(self, sock: socket.socket, timeout: float) -> InitPacket:
+        buffer = bytearray(INIT_PACKET_SIZE)
+        with channel_io(UNIDENTIFIED, "read of the init packet", timeout):
+            sock.settimeout(timeout)
+            got = recv_exact(sock, memoryview(buffer))
+        init = InitPacket.unpack(memoryview(buffer)[:got], channel=UNIDENTIFIED)
+        name = multifd_channel(init.channel_id)
+        if self.uuid is not None and init.uuid != self.uuid:
+            raise ProtocolError(
+                "init packet uuid", channel=name, expected=self.uuid.hex(),
+                received=init.uuid.hex(),
+            )
+        if init.channel_id >= self.channels:
+            raise ProtocolError(
+                "init packet channel id", channel=name, expected=f"< {self.channels}",
+                received=init.channel_id,
+            )
+        return init
+
+    def _register(self, init: InitPacket, sock: socket.socket) -> _RecvChannel:
+        index = init.channel_id
+        with self.cond:
+            if self._channels[index] is not None:
+                raise ProtocolError(
+                    "init packet channel id", channel=multifd_channel(index),
+                    expected="an id not used yet", received=f"{index} a second time",
+                )
+            channel = _RecvChannel(self, index, sock)
+            self._channels[index] = channel
+        sock.settimeout(self.io_timeout)
+        self.shutdown.add(sock, channel.thread)
+        return channel
+
+    # -- the loader's side of the barrier --------------------------------------------------
+    def wait_sync(self, timeout: float) -> None:
+        """At a marker: wait until every channel reached its SYNC, then release them all.
+
+        When this returns, every page that preceded the SYNCs is in ``ram``.
+
+        Raises:
+            MigrationFailed: a channel failed, ended early, or did not reach its SYNC
+                within ``timeout`` seconds (the message names those channels).
+        """
+        self.shutdown.raise_if_stopped()
+        problem = self._barrier(time.monotonic() + timeout, timeout)
+        if problem is not None:
+            self.shutdown.fail(problem, problem.channel)
+        self.shutdown.raise_if_stopped()
+
+    def _barrier(self, deadline: float, timeout: float) -> ChannelError | None:
+        with self.cond:
+            if self._finishing:
+                raise ConfigError("wait_sync() called after finish()")
+            while not self.shutdown.exiting:
+                channels = self._channels
+                if all(c is not None and c.state is RecvState.AT_SYNC_POSTED for c in channels):
+                    self._release_all()
+                    return None
+                gone = [c.name for c in channels if c is not None and c.state in _FINISHED]
+                if gone:
+                    return ChannelError(
+                        f"peer closed {', '.join(gone)} before the SYNC", channel=gone[0]
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    late = self._not_at_sync()
+                    return ChannelError(
+                        f"no SYNC within {timeout:g} s on {', '.join(late)}", channel=late[0]
+                    )
+                self.cond.wait(min(remaining, _POLL))  # notified when a channel parks or ends
+        return None
+
+    def _release_all(self) -> None:
+        for channel in self._channels:
+            assert channel is not None
+            channel.state, _ = step(channel.state, RecvEvent.RELEASE)
+        self.cond.notify_all()  # the NOTIFY action, once for all
+
+    def _not_at_sync(self) -> list[str]:
+        return [
+            multifd_channel(i)
+            for i, c in enumerate(self._channels)
+            if c is None or c.state is not RecvState.AT_SYNC_POSTED
+        ]
+
+    def finish(self, timeout: float) -> None:
+        """End of migration: free parked threads and let every channel read to its end.
+
+        Raises:
+            MigrationFailed: a channel failed, never connected, or did not reach the end of
+                its stream within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        self.shutdown.raise_if_stopped()
+        with self.cond:
+            self._finishing = True
+            missing = [multifd_channel(i) for i, c in enumerate(self._channels) if c is None]
+            if not missing:
+                for channel in self._live_channels():
+                    channel.state, _ = step(channel.state, RecvEvent.FINISH)
+                self.cond.notify_all()
+        if missing:
+            problem = ChannelError(f"{', '.join(missing)} never connected", channel=missing[0])
+            self.shutdown.fail(problem, problem.channel)
+        for channel in self._live_channels():
+            channel.thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [c.name for c in self._live_channels() if c.thread.is_alive()]
+        if alive:
+            problem = ChannelError(
+                f"no end of stream within {timeout:g} s on {', '.join(alive)}", channel=alive[0]
+            )
+            self.shutdown.fail(problem, problem.channel)
+        self.shutdown.raise_if_stopped()
+        self.shutdown.close()
+
+    # -- shutdown and observation ----------------------------------------------------------
+    def check(self) -> None:
+        """Raise the receiver's failure, if any, without waiting.
+
+        Raises:
+            MigrationFailed: chained to the first error, naming its channel.
+        """
+        self.shutdown.raise_if_failed()
+
+    def close(self) -> None:
+        """Stop every thread, close every socket; idempotent."""
+        self.shutdown.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the receiver with ``exc`` (first error wins) and stop everything."""
+        self.shutdown.fail(exc, None)
+        self.shutdown.close()
+
+    @property
+    def failed(self) -> bool:
+        return self.shutdown.error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first error that failed the receiver, or None."""
+        return self.shutdown.error
+
+    def stats(self) -> tuple[ChannelCounters, ...]:
+        """A snapshot of every channel's counters, in channel-id order."""
+        with self.cond:
+            channels = list(self._channels)
+        return tuple(
+            c.counters.snapshot() if c is not None else ChannelCounters(multifd_channel(i))
+            for i, c in enumerate(channels)
+        )
+
+    def _live_channels(self) -> list[_RecvChannel]:
+        with self.cond:
+            return [c for c in self._channels if c is not None]
+
+    def _notify_all(self) -> None:
+        with self.cond:
+            self.cond.notify_all()

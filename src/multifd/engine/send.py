@@ -1,0 +1,373 @@
+"""The send side of multifd: one thread per channel, fed with page batches by a requester.
+
+The requester (the migration thread calling :meth:`Sender.send_pages` and
+:meth:`Sender.sync`) fills a batch of at most 128 pages of one block and hands it to the
+next idle channel by swapping batch objects; each channel thread writes what it is handed
+as one packet. Requester and channel thread meet only through the per-channel handshake of
+:mod:`multifd.engine.handshake` (QEMU 9.0+ ``multifd_send()`` / ``multifd_send_thread()``,
+spec 6.2 and 6.5): a job and a sync request are two independent flags, so a SYNC packet
+never carries pages and there is never an empty packet.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, step
+from multifd.compression import Compressor, compressor, flag_of
+from multifd.engine.pageio import Offsets, channel_io, page_runs, send_buffers
+from multifd.engine.shutdown import Shutdown
+from multifd.engine.stats import ChannelCounters, Counters
+from multifd.engine.trace import TraceHook, emit
+from multifd.errors import ConfigError, MultifdError, multifd_channel
+from multifd.ram import RamBlock
+from multifd.wire.constants import MAX_COMPRESSED_PAYLOAD, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PACKET
+from multifd.wire.packets import NIL_UUID, InitPacket, RamPacket
+
+# Requester waits wake up this often to notice a failure even if no post reaches them.
+_POLL: Final = 0.25
+_WORDS_PER_PAGE: Final = PAGE_SIZE // 8
+
+
+class _Batch:
+    """Offsets of up to 128 pages of one block; owned by the requester or by one channel."""
+
+    __slots__ = ("block", "count", "offsets")
+
+    def __init__(self) -> None:
+        self.block: RamBlock | None = None
+        self.count = 0
+        self.offsets: Offsets = np.empty(PAGES_PER_PACKET, dtype=np.int64)
+
+    def clear(self) -> None:
+        self.block = None
+        self.count = 0
+
+
+def _partition_zero_pages(block: RamBlock, offsets: Offsets) -> tuple[Offsets, Offsets]:
+    """Split ``offsets`` into (non-zero pages, zero pages), each in the given order (spec 5.2)."""
+    first = int(offsets[0]) >> PAGE_SHIFT
+    count = len(offsets)
+    if int(offsets[-1]) - int(offsets[0]) == (count - 1) * PAGE_SIZE:
+        zero = block.zero_page_mask(first, count)  # a run: scan the block slice in place
+    else:
+        words = np.frombuffer(block.view, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+        zero = ~words[offsets >> PAGE_SHIFT].any(axis=1)
+    if not zero.any():
+        return offsets, offsets[:0]
+    return offsets[~zero], offsets[zero]
+
+
+class _SendChannel:
+    """One multifd send channel: its socket, its thread and its half of the handshake."""
+
+    def __init__(self, owner: Sender, index: int, sock: socket.socket) -> None:
+        # Immutable after construction.
+        self.owner = owner
+        self.index = index
+        self.name = multifd_channel(index)
+        self.sock = sock
+        self.log = logging.getLogger(f"multifd.{owner.name}.ch{index}")
+        self.thread = threading.Thread(target=self._run, name=f"{owner.name}-{self.name}")
+        # Shared handshake state, guarded by ``lock``.
+        self.lock = threading.Lock()  # guards state and the batch swap
+        self.state: SendState = SEND_INITIAL
+        # The batch belongs to the requester while state.pending_job is False (it only swaps
+        # in an empty one) and to the thread while it is True.
+        self.batch = _Batch()
+        self.sem = threading.Semaphore(0)  # a request is pending (HAND_JOB, REQUEST_SYNC)
+        self.sem_sync = threading.Semaphore(0)  # the requested SYNC packet is written
+        # Owned by the channel thread.
+        self.compressor: Compressor | None = compressor(owner.compression, owner.level)
+        self.counters = Counters(self.name)
+
+    # -- handshake -------------------------------------------------------------------------
+    def request(self, event: SendEvent) -> None:
+        """Requester side: set a request flag through the table, then post ``sem``."""
+        with self.lock:
+            self.state, action = step(self.state, event)
+        self.perform(action)
+
+    def perform(self, action: SendAction) -> None:
+        if action is SendAction.POST_SEM:
+            self.sem.release()
+        elif action is SendAction.POST_SEM_SYNC:
+            self.sem_sync.release()
+        elif action is SendAction.POST_CHANNELS_READY:
+            self.owner.channels_ready.release()
+
+    def _transition(self, event: SendEvent) -> SendAction:
+        with self.lock:
+            self.state, action = step(self.state, event)
+        return action
+
+    # -- the thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._write([InitPacket(self.index, self.owner.uuid).pack()], None)
+            self.owner.channels_ready.release()
+            while self._wait_for_work():
+                self._serve(self._transition(SendEvent.WAKE))
+        except MultifdError as exc:
+            self.owner.fail(exc, self.name)
+        except Exception as exc:
+            self.log.exception("send thread failed")
+            self.owner.fail(exc, self.name)
+        self.log.debug("send thread exits")
+
+    def _wait_for_work(self) -> bool:
+        # Paired with the posts of request() and with the shutdown path's post of every sem.
+        while not self.owner.shutdown.exiting:
+            if self.sem.acquire(timeout=_POLL):
+                return not self.owner.shutdown.exiting
+        return False
+
+    def _serve(self, action: SendAction) -> None:
+        if action is SendAction.SEND_PAGES:
+            self._send_batch(self.batch)
+            self.batch.clear()
+            self.perform(self._transition(SendEvent.PAGES_SENT))
+        elif action is SendAction.SEND_SYNC:
+            packet = RamPacket.sync(self.owner.next_packet_num())
+            self._write([packet.pack()], packet)
+            self.perform(self._transition(SendEvent.SYNC_SENT))
+
+    def _send_batch(self, batch: _Batch) -> None:
+        block = batch.block
+        assert block is not None, "a handed-over batch always names its block"
+        offsets = batch.offsets[: batch.count]
+        zero = offsets[:0]
+        if self.owner.detect_zero_pages:
+            offsets, zero = _partition_zero_pages(block, offsets)
+        runs = [block.view[start : start + size] for start, size in page_runs(offsets)]
+        flags = self.owner.flag
+        body: list[memoryview | bytes] = runs
+        size = len(offsets) * PAGE_SIZE
+        if self.compressor is not None and len(offsets):
+            pages = [block.page_view(offset) for offset in offsets.tolist()]
+            payload = self.compressor.compress(pages)
+            if len(payload) > MAX_COMPRESSED_PAYLOAD:
+                raise ConfigError(
+                    f"{self.name}: compressed payload of {len(payload)} bytes exceeds "
+                    f"{MAX_COMPRESSED_PAYLOAD} bytes"
+                )
+            body, size = [payload], len(payload)
+        packet = RamPacket(
+            flags=flags,
+            packet_num=self.owner.next_packet_num(),
+            normal_pages=len(offsets),
+            zero_pages=len(zero),
+            ramblock=block.name,
+            offsets=tuple(offsets.tolist()) + tuple(zero.tolist()),
+            next_packet_size=size,
+        )
+        self._write([packet.pack(), *body], packet)
+
+    def _write(self, buffers: Sequence[bytes | memoryview], packet: RamPacket | None) -> None:
+        with channel_io(self.name, "write", self.owner.io_timeout):
+            size = send_buffers(self.sock, buffers)
+        if packet is None:
+            self.counters.bytes += size
+            return
+        self.counters.count(
+            pages=packet.normal_pages, zero_pages=packet.zero_pages, sync=packet.is_sync,
+            size=size,
+        )
+        emit(self.owner.trace, "send", self.name, packet=packet)
+
+
+class Sender:
+    """The multifd channels of a migration source (QEMU ``multifd_send_state``).
+
+    The sender takes ownership of the sockets: it shuts them down and closes them in
+    :meth:`close`. One thread (the requester) calls :meth:`send_pages` and :meth:`sync`;
+    :meth:`close`, :meth:`abort`, :meth:`stats` and the properties may be called from any
+    thread.
+
+    Args:
+        channels: one connected socket per multifd channel; channel ``i`` uses ``channels[i]``.
+        uuid: the 16-byte UUID sent in every init packet (QEMU's ``-uuid``).
+        compression: ``"none"``, ``"zlib"`` or ``"zstd"``.
+        level: the compression level (None for the method's default).
+        detect_zero_pages: list all-zero pages in ``zero_pages`` instead of sending their
+            data (QEMU 9.0+ ``zero-page-detection=multifd``).
+        trace: called with every packet after it was written.
+        io_timeout: seconds a socket write may block before the channel fails.
+        name: logger and thread name prefix (loggers are ``multifd.<name>.chN``).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[socket.socket],
+        *,
+        uuid: bytes = NIL_UUID,
+        compression: str = "none",
+        level: int | None = None,
+        detect_zero_pages: bool = False,
+        trace: TraceHook | None = None,
+        io_timeout: float = 30.0,
+        name: str = "send",
+    ) -> None:
+        if not channels:
+            raise ConfigError("a Sender needs at least one channel")
+        InitPacket(len(channels) - 1, uuid).validate(channel="local")
+        # Immutable after construction.
+        self.uuid = uuid
+        self.compression = compression
+        self.flag = flag_of(compression)  # method bits of packets with pages
+        self.level = level
+        self.detect_zero_pages = detect_zero_pages
+        self.trace = trace
+        self.io_timeout = io_timeout
+        self.name = name
+        self.log = logging.getLogger(f"multifd.{name}")
+        self.channels_ready = threading.Semaphore(0)  # a channel finished a job or started
+        self._num_lock = threading.Lock()  # guards _packet_num
+        self._packet_num = 0
+        self.shutdown = Shutdown(f"multifd {name}", self.log)
+        self._channels = [_SendChannel(self, i, sock) for i, sock in enumerate(channels)]
+        for channel in self._channels:
+            channel.sock.settimeout(io_timeout)
+            self.shutdown.add(channel.sock, channel.thread, channel.sem, channel.sem_sync)
+        self.shutdown.add_semaphore(self.channels_ready)
+        # Owned by the requester.
+        self._batch = _Batch()
+        self._next_channel = 0
+        self._started = False
+
+    # -- public API ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start one thread per channel; each first writes its init packet."""
+        if self._started:
+            raise ConfigError("Sender.start() called twice")
+        self._started = True
+        for channel in self._channels:
+            channel.thread.start()
+
+    def send_pages(self, block: RamBlock, offsets: npt.ArrayLike) -> None:
+        """Queue pages of ``block`` (byte offsets) for sending.
+
+        Full batches go to the next idle channel at once; a partial batch waits for more
+        pages of the same block, or for :meth:`sync`.
+
+        Raises:
+            MigrationFailed: a channel failed or the sender was closed.
+            ValueError: an offset is not a page of ``block``.
+        """
+        self.shutdown.raise_if_stopped()
+        offs = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        if not len(offs):
+            return
+        _check_offsets(block, offs)
+        batch = self._batch
+        if batch.count and batch.block is not block:
+            self._hand_over()
+        position = 0
+        while position < len(offs):
+            batch = self._batch
+            batch.block = block
+            take = min(PAGES_PER_PACKET - batch.count, len(offs) - position)
+            batch.offsets[batch.count : batch.count + take] = offs[position : position + take]
+            batch.count += take
+            position += take
+            if batch.count == PAGES_PER_PACKET:
+                self._hand_over()
+
+    def sync(self) -> None:
+        """Flush the partial batch and write one SYNC packet on every channel.
+
+        Returns only after every SYNC packet was written to its socket; the caller then
+        writes the matching marker on the main channel.
+
+        Raises:
+            MigrationFailed: a channel failed or the sender was closed.
+        """
+        self.shutdown.raise_if_stopped()
+        if self._batch.count:
+            self._hand_over()
+        for channel in self._channels:
+            channel.request(SendEvent.REQUEST_SYNC)
+        for channel in self._channels:
+            self._wait(channel.sem_sync, channel)  # paired with POST_SEM_SYNC
+
+    def check(self) -> None:
+        """Raise the sender's failure, if any, without waiting.
+
+        Raises:
+            MigrationFailed: chained to the first error, naming its channel.
+        """
+        self.shutdown.raise_if_failed()
+
+    def close(self) -> None:
+        """Stop every thread, close every socket; idempotent. Pending pages are dropped."""
+        self.shutdown.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the sender with ``exc`` (first error wins) and stop everything."""
+        self.shutdown.fail(exc, None)
+        self.shutdown.close()
+
+    @property
+    def failed(self) -> bool:
+        return self.shutdown.error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first error that failed the sender, or None."""
+        return self.shutdown.error
+
+    def stats(self) -> tuple[ChannelCounters, ...]:
+        """A snapshot of every channel's counters, in channel order."""
+        return tuple(channel.counters.snapshot() for channel in self._channels)
+
+    # -- for the channel threads -----------------------------------------------------------
+    def next_packet_num(self) -> int:
+        with self._num_lock:
+            self._packet_num += 1
+            return self._packet_num
+
+    def fail(self, exc: BaseException, channel: str | None) -> None:
+        self.shutdown.fail(exc, channel)
+
+    # -- the requester's side of the handshake ---------------------------------------------
+    def _hand_over(self) -> None:
+        channel = self._idle_channel()
+        with channel.lock:
+            # Swap ownership: the channel gets the full batch, we get its empty one.
+            channel.batch, self._batch = self._batch, channel.batch
+            channel.state, action = step(channel.state, SendEvent.HAND_JOB)
+        channel.perform(action)
+
+    def _idle_channel(self) -> _SendChannel:
+        self._wait(self.channels_ready, None)  # paired with POST_CHANNELS_READY
+        count = len(self._channels)
+        for k in range(count):
+            channel = self._channels[(self._next_channel + k) % count]
+            if not channel.state.pending_job:
+                self._next_channel = (channel.index + 1) % count
+                return channel
+        raise AssertionError("channels_ready was posted but no channel is idle")
+
+    def _wait(self, sem: threading.Semaphore, channel: _SendChannel | None) -> None:
+        if not self._started:
+            raise ConfigError("Sender.start() was not called")
+        while not sem.acquire(timeout=_POLL):
+            self.shutdown.raise_if_stopped()
+            dead = [c.name for c in self._channels if not c.thread.is_alive()]
+            if dead and (channel is None or channel.name in dead):
+                self.shutdown.fail(RuntimeError(f"send threads exited: {dead}"), dead[0])
+        self.shutdown.raise_if_stopped()
+
+
+def _check_offsets(block: RamBlock, offsets: Offsets) -> None:
+    if int(offsets.min()) < 0 or int(offsets.max()) > block.size - PAGE_SIZE:
+        raise ValueError(f"offset outside block {block.name!r} of {block.size:#x} bytes")
+    if (offsets & (PAGE_SIZE - 1)).any():
+        raise ValueError(f"offset not a multiple of {PAGE_SIZE} in block {block.name!r}")

@@ -1,0 +1,342 @@
+"""Compression methods: spec TV6/TV7 byte for byte, registry, levels, bad and hostile payloads."""
+
+from __future__ import annotations
+
+import random
+import tracemalloc
+import zlib
+from collections.abc import Sequence
+
+import pytest
+import zstandard
+
+from multifd import compression
+from multifd.compression import Compressor, Decompressor
+from multifd.errors import ConfigError, ProtocolError
+from multifd.wire.constants import (
+    MAX_COMPRESSED_PAYLOAD,
+    MULTIFD_FLAG_NOCOMP,
+    MULTIFD_FLAG_QPL,
+    MULTIFD_FLAG_ZLIB,
+    MULTIFD_FLAG_ZSTD,
+    PAGE_SIZE,
+    PAGES_PER_PACKET,
+)
+
+CHANNEL = "multifd/1"
+TV_PAGES = [bytes((fill,)) * PAGE_SIZE for fill in (0x01, 0x02, 0x06)]
+TV6 = bytes.fromhex(
+    "7801ecd0310d00000c03a074c7fc4bae8f06249060c0800103060c183060c0800103060cac0f1c060c18"
+    "3060c0800103060c183060c0c0fcc063c0800103060c183060c0800103060ccc0f140000ffff"
+)
+TV6_NEXT = bytes.fromhex(
+    "ecd0310d000000c3a073fe1dd7c7021218060c183060c0800103060c183060c0c0fd40000000ffff"
+)
+TV7 = bytes.fromhex("28b52ffd004884000020010102060314002ffc17fedffd6301")
+METHODS = ("zlib", "zstd")
+
+
+def out_pages(count: int) -> list[memoryview]:
+    return [memoryview(bytearray(PAGE_SIZE)) for _ in range(count)]
+
+
+def make_compressor(method: str, level: int | None = None) -> Compressor:
+    made = compression.compressor(method, level)
+    assert made is not None
+    return made
+
+
+def make_decompressor(method: str) -> Decompressor:
+    made = compression.decompressor(method)
+    assert made is not None
+    return made
+
+
+def roundtrip(decompressor: Decompressor, payload: bytes, count: int) -> list[bytes]:
+    out = out_pages(count)
+    decompressor.decompress_into(payload, out, channel=CHANNEL)
+    return [view.tobytes() for view in out]
+
+
+def mixed_pages(rng: random.Random, count: int) -> list[bytes]:
+    kinds = [
+        lambda: rng.randbytes(PAGE_SIZE),
+        lambda: bytes(PAGE_SIZE),
+        lambda: bytes((rng.randrange(256),)) * PAGE_SIZE,
+        lambda: rng.randbytes(64) * (PAGE_SIZE // 64),
+    ]
+    return [rng.choice(kinds)() for _ in range(count)]
+
+
+# --- spec test vectors -------------------------------------------------------------------
+
+
+def test_tv6_zlib_payload_is_byte_identical() -> None:
+    compressor = make_compressor("zlib")
+    assert compressor.compress(TV_PAGES) == TV6
+    assert compressor.compress([bytes((0x07,)) * PAGE_SIZE]) == TV6_NEXT
+
+
+def test_tv7_zstd_payload_is_byte_identical() -> None:
+    assert make_compressor("zstd").compress(TV_PAGES) == TV7
+
+
+def test_tv6_decodes_with_one_decompressor_per_channel() -> None:
+    decompressor = make_decompressor("zlib")
+    assert roundtrip(decompressor, TV6, 3) == TV_PAGES
+    assert roundtrip(decompressor, TV6_NEXT, 1) == [bytes((0x07,)) * PAGE_SIZE]
+
+
+def test_tv7_decodes() -> None:
+    assert roundtrip(make_decompressor("zstd"), TV7, 3) == TV_PAGES
+
+
+def test_memoryview_pages_compress_like_bytes() -> None:
+    views = [memoryview(bytearray(page)) for page in TV_PAGES]
+    assert make_compressor("zlib").compress(views) == TV6
+    assert make_compressor("zstd").compress(views) == TV7
+
+
+def test_later_packet_needs_the_channel_stream_state() -> None:
+    # TV6_NEXT has no zlib header: only the decompressor that saw TV6 can read it.
+    with pytest.raises(ProtocolError):
+        roundtrip(make_decompressor("zlib"), TV6_NEXT, 1)
+
+
+# --- registry and levels -----------------------------------------------------------------
+
+
+def test_methods_and_flags() -> None:
+    assert compression.METHODS == ("none", "zlib", "zstd")
+    assert [compression.flag_of(m) for m in compression.METHODS] == [
+        MULTIFD_FLAG_NOCOMP,
+        MULTIFD_FLAG_ZLIB,
+        MULTIFD_FLAG_ZSTD,
+    ]
+    for method in compression.METHODS:
+        assert compression.method_of(compression.flag_of(method)) == method
+    for method in METHODS:
+        assert make_compressor(method).flag == compression.flag_of(method)
+        assert make_decompressor(method).flag == compression.flag_of(method)
+
+
+def test_none_has_no_objects() -> None:
+    assert compression.compressor("none") is None
+    assert compression.compressor("none", 5) is None
+    assert compression.decompressor("none") is None
+    assert compression.level_range("none") is None
+    assert compression.default_level("none") is None
+
+
+@pytest.mark.parametrize("flag", [MULTIFD_FLAG_QPL, 0x06, 0x3E])
+def test_unknown_wire_method_is_a_protocol_error(flag: int) -> None:
+    with pytest.raises(ProtocolError) as info:
+        compression.method_of(flag, channel=CHANNEL)
+    assert info.value.channel == CHANNEL
+    assert str(info.value.received).startswith(f"{flag:#x}")
+
+
+def test_unsupported_hardware_method_is_named() -> None:
+    with pytest.raises(ProtocolError, match="qpl"):
+        compression.method_of(MULTIFD_FLAG_QPL)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: compression.flag_of("lz4"),
+        lambda: compression.compressor("gzip"),
+        lambda: compression.decompressor("zst"),
+        lambda: compression.level_range("qpl"),
+    ],
+)
+def test_unknown_method_name_is_a_config_error(call: object) -> None:
+    assert callable(call)
+    with pytest.raises(ConfigError, match="unknown compression method"):
+        call()
+
+
+@pytest.mark.parametrize(
+    ("method", "low", "high"),
+    [("zlib", 0, 9), ("zstd", 0, 20)],
+)
+def test_level_ranges(method: str, low: int, high: int) -> None:
+    assert compression.level_range(method) == (low, high)
+    assert compression.default_level(method) == 1
+    for level in (low, high):
+        assert compression.compressor(method, level) is not None
+    for level in (low - 1, high + 1):
+        with pytest.raises(ConfigError, match=f"{low}..{high}"):
+            compression.compressor(method, level)
+
+
+def test_zstd_level_zero_means_the_library_default() -> None:
+    # QEMU hands the level to ZSTD_initCStream, where 0 selects ZSTD_CLEVEL_DEFAULT (3);
+    # the zstandard package does the same, so level 0 behaves as QEMU's.
+    data = mixed_pages(random.Random(0), 32)
+    level0 = make_compressor("zstd", 0).compress(data)
+    assert level0 == make_compressor("zstd", 3).compress(data)
+    assert level0 != make_compressor("zstd", 1).compress(data)
+
+
+@pytest.mark.parametrize(("method", "level"), [("zlib", 0), ("zlib", 9), ("zstd", 0), ("zstd", 19)])
+def test_extreme_levels_roundtrip(method: str, level: int) -> None:
+    data = mixed_pages(random.Random(level), 8)
+    payload = make_compressor(method, level).compress(data)
+    assert roundtrip(make_decompressor(method), payload, 8) == data
+
+
+# --- streams over many packets -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_many_packets_on_interleaved_channels(method: str) -> None:
+    rng = random.Random(method)
+    channels = [(make_compressor(method), make_decompressor(method)) for _ in range(2)]
+    for packet in range(12):
+        compressor, decompressor = channels[packet % 2]
+        count = rng.choice([1, 3, PAGES_PER_PACKET])
+        data = mixed_pages(rng, count)
+        payload = compressor.compress(data)
+        assert len(payload) <= MAX_COMPRESSED_PAYLOAD
+        assert roundtrip(decompressor, payload, count) == data
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_incompressible_full_packet_stays_under_the_receive_buffer(method: str) -> None:
+    data = [random.Random(7).randbytes(PAGE_SIZE) for _ in range(PAGES_PER_PACKET)]
+    assert len(make_compressor(method).compress(data)) <= MAX_COMPRESSED_PAYLOAD
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compressor_rejects_bad_pages(method: str) -> None:
+    compressor = make_compressor(method)
+    with pytest.raises(ValueError, match="at least one page"):
+        compressor.compress([])
+    with pytest.raises(ValueError, match="4096"):
+        compressor.compress([bytes(100)])
+
+
+# --- bad payloads ------------------------------------------------------------------------
+
+
+def first_payload(method: str, pages: Sequence[bytes] = TV_PAGES) -> bytes:
+    return make_compressor(method).compress(pages)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_payload_too_short_for_the_pages(method: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        roundtrip(make_decompressor(method), first_payload(method), 4)
+    assert "packet size" in info.value.what
+    assert info.value.expected == 4 * PAGE_SIZE
+    assert info.value.channel == CHANNEL
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_payload_with_more_pages_than_the_packet(method: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        roundtrip(make_decompressor(method), first_payload(method), 2)
+    assert (info.value.expected, info.value.received) == (
+        2 * PAGE_SIZE,
+        f"more than {2 * PAGE_SIZE}",
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_truncated_payload(method: str) -> None:
+    with pytest.raises(ProtocolError):
+        roundtrip(make_decompressor(method), first_payload(method)[:-6], 3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_corrupt_payload(method: str) -> None:
+    payload = bytearray(first_payload(method, [random.Random(1).randbytes(PAGE_SIZE)]))
+    for at in range(4, len(payload), 7):
+        payload[at] ^= 0x5A
+    with pytest.raises(ProtocolError) as info:
+        roundtrip(make_decompressor(method), bytes(payload), 1)
+    assert info.value.channel == CHANNEL
+
+
+def test_finished_zlib_stream_is_rejected() -> None:
+    deflate = zlib.compressobj(1)
+    payload = deflate.compress(TV_PAGES[0]) + deflate.flush(zlib.Z_FINISH)
+    with pytest.raises(ProtocolError, match="stream ended"):
+        roundtrip(make_decompressor("zlib"), payload, 1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_payload_for_a_packet_without_pages(method: str) -> None:
+    decompressor = make_decompressor(method)
+    decompressor.decompress_into(b"", [], channel=CHANNEL)
+    with pytest.raises(ProtocolError, match="without pages"):
+        decompressor.decompress_into(b"x", [], channel=CHANNEL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_payload_larger_than_the_receive_buffer(method: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        roundtrip(make_decompressor(method), bytes(MAX_COMPRESSED_PAYLOAD + 1), 1)
+    assert info.value.received == MAX_COMPRESSED_PAYLOAD + 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stream_is_unusable_after_an_error(method: str) -> None:
+    decompressor = make_decompressor(method)
+    with pytest.raises(ProtocolError):
+        roundtrip(decompressor, first_payload(method), 2)
+    with pytest.raises(ProtocolError, match="unusable") as info:
+        roundtrip(decompressor, first_payload(method), 3)
+    assert isinstance(info.value.__cause__, ProtocolError)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_output_views_must_be_whole_writable_pages(method: str) -> None:
+    decompressor = make_decompressor(method)
+    with pytest.raises(ValueError, match="writable"):
+        decompressor.decompress_into(TV7, [memoryview(bytes(PAGE_SIZE))] * 3, channel=CHANNEL)
+    with pytest.raises(ValueError, match="writable"):
+        decompressor.decompress_into(TV7, [memoryview(bytearray(100))] * 3, channel=CHANNEL)
+
+
+# --- decompression bombs -----------------------------------------------------------------
+
+
+def zstd_rle_bomb(blocks: int) -> bytes:
+    """A zstd frame of RLE blocks: 4 bytes of input per 128 KiB of output."""
+    block_size = 128 << 10
+    rle_header = (block_size << 3) | (1 << 1)  # Block_Size, Block_Type = RLE, not last
+    body = (rle_header.to_bytes(3, "little") + b"\xaa") * blocks
+    return bytes.fromhex("28b52ffd0048") + body
+
+
+@pytest.mark.parametrize(
+    ("method", "bomb", "claimed"),
+    [
+        ("zstd", lambda: zstd_rle_bomb(65536), 8 << 30),
+        ("zlib", lambda: zlib.compress(bytes(64 << 20), 9)[:-4], 64 << 20),
+    ],
+)
+def test_decompression_bomb_is_stopped_with_bounded_memory(
+    method: str, bomb: object, claimed: int
+) -> None:
+    assert callable(bomb)
+    payload = bomb()
+    assert len(payload) <= MAX_COMPRESSED_PAYLOAD
+    decompressor = make_decompressor(method)
+    out = out_pages(1)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="packet size"):
+            decompressor.decompress_into(payload, out, channel=CHANNEL)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The payload asks for `claimed` bytes; the decoder never held more than a few MiB.
+    assert peak < 8 << 20 < claimed
+
+
+def test_zstd_bomb_sanity_the_frame_really_inflates() -> None:
+    reader = zstandard.ZstdDecompressor().decompressobj()
+    assert len(reader.decompress(zstd_rle_bomb(4))) == 4 * (128 << 10)
