@@ -25,6 +25,7 @@ import mmap
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ class Row:
     target: str = ""
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)  # seconds of each run
 
 
 @dataclass(frozen=True)
@@ -293,21 +295,34 @@ RATIO_TARGETS: Final = {
 }
 
 
-def measure(setup: Setup, quick: bool) -> list[Row]:
-    """Run every row once, in order; a failing row records its error and the run goes on."""
-    rows = []
-    for name, func, target in ROWS:
-        if quick and name == "Python -> Python, 4 ch":
-            continue
-        row = Row(name, target=target)
-        print(f"  {name} ...", file=sys.stderr, flush=True)
-        try:
-            func(setup, row)
-        except Exception as exc:  # noqa: BLE001 - a row's failure is a result, not a crash
-            row.error = f"{type(exc).__name__}: {exc}"[:300]
-            row.seconds = None
-        rows.append(row)
-    return rows
+def measure(setup: Setup, rows: list[Row], repeat: int) -> None:
+    """Run every row ``repeat`` times, round-robin so a burst of load hits all rows alike.
+
+    A row's time is the median of its runs; a failing run records its error, and the row
+    is not run again.
+    """
+    funcs = {name: func for name, func, _ in ROWS}
+    for attempt in range(1, repeat + 1):
+        for row in rows:
+            if row.error is None:
+                print(f"  [{attempt}/{repeat}] {row.name} ...", file=sys.stderr, flush=True)
+                _run_once(funcs[row.name], setup, row)
+    for row in rows:
+        row.seconds = statistics.median(row.samples) if row.samples and not row.error else None
+
+
+def _run_once(func: Callable[[Setup, Row], None], setup: Setup, row: Row) -> None:
+    trial = Row(row.name)
+    try:
+        func(setup, trial)
+    except Exception as exc:  # noqa: BLE001 - a row's failure is a result, not a crash
+        row.error = f"{type(exc).__name__}: {exc}"[:300]
+        return
+    assert trial.seconds is not None
+    row.samples.append(trial.seconds)
+    row.notes = trial.notes
+    if trial.receiver_rss is not None:
+        row.receiver_rss = max(row.receiver_rss or 0, trial.receiver_rss)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -345,11 +360,19 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]]]:
         result = f"error: {row.error}" if row.error else ", ".join(_verdicts(row, size, vs_qemu))
         lines.append(
             f"| {row.name} | {_fmt(rate, '.0f')} | {_fmt(vs_qemu, '.2f', 'x')} | "
-            f"{_fmt(vs_raw, '.2f', 'x')} | {_fmt(row.seconds, '.3f')} | {rss} | {row.target} "
+            f"{_fmt(vs_raw, '.2f', 'x')} | {_seconds(row)} | {rss} | {row.target} "
             f"| {result.replace('|', '/')} |"
         )
         records.append(asdict(row) | {"mb_per_s": rate, "vs_qemu": vs_qemu, "vs_raw": vs_raw})
     return "\n".join(lines), records
+
+
+def _seconds(row: Row) -> str:
+    if row.seconds is None:
+        return ""
+    if len(row.samples) < 2:
+        return f"{row.seconds:.3f}"
+    return f"{row.seconds:.3f} ({min(row.samples):.2f}-{max(row.samples):.2f})"
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -370,6 +393,7 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "qemu": qemu[0] if qemu else "not found",
+        "load average (1, 5, 15 min) after the run": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -417,6 +441,7 @@ def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict
         *(f"- {key}: {value}" for key, value in info.items()),
         f"- `python -m multifd --help` start-up: {start_note} (in rows where Python sends)",
         "- MB/s = 10^6 bytes/s, wall clock from source start to destination completion",
+        "- seconds = median of the runs (min-max)",
         "",
         body,
         "",
@@ -441,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 even when rows failed: they are results)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size", type=parse_size, default=None, help="RAM size (default 2G)")
-    parser.add_argument("--quick", action="store_true", help="256 MiB and fewer rows")
+    parser.add_argument("--quick", action="store_true", help="256 MiB, one run, fewer rows")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per row (default 3)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
@@ -460,7 +486,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing {size / MIB:.0f} MiB of random RAM ...", file=sys.stderr)
         write_ram_image(setup.image, size, seed=2024, pattern="random")
         startup = cli_startup(setup.timeout)
-        rows = measure(setup, args.quick)
+        rows = [Row(name, target=target) for name, _, target in ROWS]
+        if args.quick:
+            rows = [row for row in rows if row.name != "Python -> Python, 4 ch"]
+        measure(setup, rows, args.repeat or (1 if args.quick else 3))
     markdown, data = report(rows, size, startup)
     print(markdown)
     if not args.no_save:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import threading
@@ -123,10 +124,8 @@ class Loader:
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Full):  # the loader died with a full queue
                 self._markers.put(None, timeout=TIMEOUT)
-            except queue.Full:
-                pass  # the loader died with a full queue; it is gone anyway
         self._thread.join(TIMEOUT)
 
     def _run(self) -> None:
@@ -141,7 +140,7 @@ class Loader:
                 self._receiver.wait_sync(TIMEOUT)
                 if self._check is not None:
                     self._check(round_)
-            except BaseException as exc:  # handed to the test thread, which raises it
+            except BaseException as exc:  # noqa: BLE001 - the test thread raises it
                 self._done.put(exc)
                 return
             self._done.put(round_)
@@ -164,7 +163,10 @@ def link(
     """
     pairs = make_pairs(channels, transport)
     sender = Sender(
-        [a for a, _ in pairs], trace=recorder, io_timeout=TIMEOUT, compression=compression,
+        [a for a, _ in pairs],
+        trace=recorder,
+        io_timeout=TIMEOUT,
+        compression=compression,
         detect_zero_pages=detect_zero_pages,
     )
     receiver = Receiver(
@@ -185,8 +187,6 @@ def link(
             b.close()
 
 
-def engine_threads() -> list[str]:
-    """Names of live engine threads (send-*, recv-*)."""
-    return [
-        t.name for t in threading.enumerate() if t.name.startswith(("send-", "recv-"))
-    ]
+def engine_threads(prefixes: tuple[str, ...] = ("send-", "recv-")) -> list[str]:
+    """Names of live engine threads (all of them, or those whose name starts so)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith(prefixes)]

@@ -16,7 +16,7 @@ from multifd.engine import handshake
 from multifd.engine.handshake import (
     RECV_TABLE,
     SEND_TABLE,
-    IllegalTransition,
+    IllegalTransitionError,
     RecvAction,
     RecvEvent,
     RecvState,
@@ -57,7 +57,7 @@ def test_wake_without_a_request_does_nothing() -> None:
     ],
 )
 def test_send_table_refuses_what_the_protocol_forbids(state: SendState, event: SendEvent) -> None:
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(IllegalTransitionError):
         handshake.step(state, event)
 
 
@@ -96,8 +96,15 @@ def requester_moves(world: SendWorld, program: tuple[str, ...]) -> list[SendWorl
             return []
         state, action = handshake.step(world.state, SendEvent.HAND_JOB)
         assert action is SendAction.POST_SEM
-        return [replace(world, state=state, sem=world.sem + 1, pc=world.pc + 1,
-                        channels_ready=world.channels_ready - 1)]
+        return [
+            replace(
+                world,
+                state=state,
+                sem=world.sem + 1,
+                pc=world.pc + 1,
+                channels_ready=world.channels_ready - 1,
+            )
+        ]
     state, action = handshake.step(world.state, SendEvent.REQUEST_SYNC)
     assert action is SendAction.POST_SEM
     return [replace(world, state=state, sem=world.sem + 1, pc=world.pc + 1, waiting_sync=True)]
@@ -107,13 +114,27 @@ def thread_moves(world: SendWorld) -> list[SendWorld]:
     if world.serving is SendAction.SEND_PAGES:
         state, action = handshake.step(world.state, SendEvent.PAGES_SENT)
         assert action is SendAction.POST_CHANNELS_READY
-        return [replace(world, state=state, serving=SendAction.NONE, wire=(*world.wire, "pages"),
-                        channels_ready=world.channels_ready + 1)]
+        return [
+            replace(
+                world,
+                state=state,
+                serving=SendAction.NONE,
+                wire=(*world.wire, "pages"),
+                channels_ready=world.channels_ready + 1,
+            )
+        ]
     if world.serving is SendAction.SEND_SYNC:
         state, action = handshake.step(world.state, SendEvent.SYNC_SENT)
         assert action is SendAction.POST_SEM_SYNC
-        return [replace(world, state=state, serving=SendAction.NONE, wire=(*world.wire, "sync"),
-                        sem_sync=world.sem_sync + 1)]
+        return [
+            replace(
+                world,
+                state=state,
+                serving=SendAction.NONE,
+                wire=(*world.wire, "sync"),
+                sem_sync=world.sem_sync + 1,
+            )
+        ]
     if world.sem == 0:
         return []
     state, action = handshake.step(world.state, SendEvent.WAKE)
@@ -132,8 +153,10 @@ def explore_send(program: tuple[str, ...]) -> set[tuple[str, ...]]:
         seen.add(world)
         moves = requester_moves(world, program) + thread_moves(world)
         if not moves:
-            assert world.pc == len(program) and not world.waiting_sync, f"stuck: {world}"
-            assert world.sem == 0 and world.state == SendState(), f"left over: {world}"
+            assert world.pc == len(program), f"stuck: {world}"
+            assert not world.waiting_sync, f"stuck: {world}"
+            assert world.sem == 0, f"left over: {world}"
+            assert world.state == SendState(), f"left over: {world}"
             wires.add(world.wire)
         todo.extend(moves)
     return wires
@@ -165,7 +188,8 @@ def test_a_sync_parks_the_channel_until_released() -> None:
 
 def test_after_finish_syncs_are_not_honoured() -> None:
     assert handshake.step(RecvState.DRAINING, RecvEvent.SYNC) == (
-        RecvState.DRAINING, RecvAction.CONTINUE,
+        RecvState.DRAINING,
+        RecvAction.CONTINUE,
     )
 
 
@@ -177,7 +201,7 @@ def test_finish_is_allowed_in_every_state(state: RecvState) -> None:
 
 @pytest.mark.parametrize("state", [s for s in RecvState if s is not RecvState.AT_SYNC_POSTED])
 def test_only_a_parked_channel_can_be_released(state: RecvState) -> None:
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(IllegalTransitionError):
         handshake.step(state, RecvEvent.RELEASE)
 
 
@@ -211,19 +235,26 @@ def recv_thread_moves(world: RecvWorld, streams: tuple[tuple[str, ...], ...]) ->
                 continue  # still waiting for the loader
             after, action = handshake.step(state, RecvEvent.WAKE)
             assert action is RecvAction.CONTINUE
-            moves.append(replace(world, states=_set(world.states, i, after),
-                                 parked=_set(world.parked, i, False)))
+            moves.append(
+                replace(
+                    world, states=_set(world.states, i, after), parked=_set(world.parked, i, False)
+                )
+            )
             continue
         if state in {RecvState.EOF_SEEN, RecvState.DONE}:
             continue  # the thread has exited
         event = _EVENTS[streams[i][world.pcs[i]]]
         after, action = handshake.step(state, event)
         applied = world.applied[i] + (event is RecvEvent.PACKET)
-        moves.append(replace(
-            world, states=_set(world.states, i, after), pcs=_set(world.pcs, i, world.pcs[i] + 1),
-            parked=_set(world.parked, i, action is RecvAction.PARK),
-            applied=_set(world.applied, i, applied),
-        ))
+        moves.append(
+            replace(
+                world,
+                states=_set(world.states, i, after),
+                pcs=_set(world.pcs, i, world.pcs[i] + 1),
+                parked=_set(world.parked, i, action is RecvAction.PARK),
+                applied=_set(world.applied, i, applied),
+            )
+        )
     return moves
 
 
@@ -249,8 +280,10 @@ def _set(values: tuple[T, ...], index: int, value: T) -> tuple[T, ...]:
 
 def explore_recv(streams: tuple[tuple[str, ...], ...], loader: tuple[str, ...]) -> set[RecvWorld]:
     start = RecvWorld(
-        states=(handshake.RECV_INITIAL,) * len(streams), pcs=(0,) * len(streams),
-        parked=(False,) * len(streams), applied=(0,) * len(streams),
+        states=(handshake.RECV_INITIAL,) * len(streams),
+        pcs=(0,) * len(streams),
+        parked=(False,) * len(streams),
+        applied=(0,) * len(streams),
     )
     seen: set[RecvWorld] = set()
     todo = [start]
@@ -305,5 +338,5 @@ def test_a_channel_ending_early_leaves_the_loader_unable_to_pass() -> None:
 
 
 def test_step_refuses_unknown_pairs() -> None:
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(IllegalTransitionError):
         handshake.step(RecvState.DONE, RecvEvent.PACKET)

@@ -6,6 +6,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from multifd.compression import flag_of
 from multifd.engine.send import Sender
 from multifd.errors import multifd_channel
 from multifd.ram import Ram, RamBlock
@@ -27,7 +28,9 @@ ROUNDS = 4
 
 def make_ram() -> Ram:
     # "a" is not a multiple of 128 pages so batches end partial; "b" forces block switches.
-    return Ram([RamBlock.anonymous("a", (1024 + 37) * PAGE_SIZE), RamBlock.anonymous("b", 64 * PAGE_SIZE)])
+    return Ram(
+        [RamBlock.anonymous("a", (1024 + 37) * PAGE_SIZE), RamBlock.anonymous("b", 64 * PAGE_SIZE)]
+    )
 
 
 class Workload:
@@ -65,8 +68,9 @@ class Workload:
             assert not len(bad), f"round {round_}: block {name} pages {pages[bad][:8]} differ"
 
 
-def send_round(sender: Sender, batches: list[tuple[RamBlock, npt.NDArray[np.int64]]],
-               rng: np.random.Generator) -> None:
+def send_round(
+    sender: Sender, batches: list[tuple[RamBlock, npt.NDArray[np.int64]]], rng: np.random.Generator
+) -> None:
     """Hand the pages over in chunks of random size (partial batches, block switches)."""
     for block, offsets in batches:
         position = 0
@@ -79,13 +83,32 @@ def send_round(sender: Sender, batches: list[tuple[RamBlock, npt.NDArray[np.int6
 @pytest.mark.parametrize("detect_zero_pages", [False, True], ids=["zero-off", "zero-on"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("channels", [1, 2, 4, 8])
-def test_rounds_arrive_whole_and_in_order(channels: int, transport: Transport,
-                                          detect_zero_pages: bool) -> None:
+def test_rounds_arrive_whole_and_in_order(
+    channels: int, transport: Transport, detect_zero_pages: bool
+) -> None:
+    run_rounds(channels, transport, detect_zero_pages=detect_zero_pages)
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+@pytest.mark.parametrize("channels", [1, 4])
+def test_compressed_rounds_arrive_whole_and_in_order(channels: int, compression: str) -> None:
+    run_rounds(channels, "socketpair", detect_zero_pages=True, compression=compression)
+
+
+def run_rounds(
+    channels: int, transport: Transport, *, detect_zero_pages: bool, compression: str = "none"
+) -> None:
     src, dst = make_ram(), make_ram()
     recorder = Recorder()
     work = Workload(src, seed=channels * 10 + detect_zero_pages)
-    with link(dst, channels, transport, recorder=recorder,
-              detect_zero_pages=detect_zero_pages) as (sender, receiver, _):
+    with link(
+        dst,
+        channels,
+        transport,
+        recorder=recorder,
+        detect_zero_pages=detect_zero_pages,
+        compression=compression,
+    ) as (sender, receiver, _):
         loader = Loader(receiver, check=lambda r: work.check(dst, r))
         try:
             for round_ in range(ROUNDS):
@@ -103,9 +126,12 @@ def test_rounds_arrive_whole_and_in_order(channels: int, transport: Transport,
     for block in src:
         assert bytes(block.view) == bytes(dst[block.name].view)
     assert check_send_invariants(recorder.events, channels) == ROUNDS  # I1, I2, I3
+    method = flag_of(compression)
     for i in range(channels):
         name = multifd_channel(i)
-        assert recorder.packets("send", name) == recorder.packets("recv", name)
+        packets = recorder.packets("send", name)
+        assert packets == recorder.packets("recv", name)
+        assert {p.flags for p in packets if not p.is_sync} == {method}
     assert [c.sync_packets for c in sent] == [ROUNDS] * channels
     assert sent == received
     total_zero = sum(c.zero_pages for c in sent)
@@ -179,6 +205,20 @@ def test_zero_pages_are_partitioned_to_the_end_and_zeroed_on_the_destination() -
     assert bytes(dst["a"].view[: 10 * PAGE_SIZE]) == bytes(src["a"].view[: 10 * PAGE_SIZE])
 
 
+def test_zero_detection_follows_the_offsets_order_not_the_page_order() -> None:
+    src, dst = make_ram(), make_ram()
+    src["a"].pages[[0, 1, 3]] = 4  # page 2 is zero; offsets below span 0..3 but out of order
+    recorder = Recorder()
+    with link(dst, 1, recorder=recorder, detect_zero_pages=True) as (sender, receiver, _):
+        sender.send_pages(src["a"], np.array([0, 2, 1, 3]) * PAGE_SIZE)
+        sender.sync()
+        receiver.wait_sync(TIMEOUT)
+    first, _ = recorder.packets("send", multifd_channel(0))
+    assert first.offsets == tuple(p * PAGE_SIZE for p in (0, 1, 3, 2))
+    assert (first.normal_pages, first.zero_pages) == (3, 1)
+    assert bytes(dst["a"].view[: 4 * PAGE_SIZE]) == bytes(src["a"].view[: 4 * PAGE_SIZE])
+
+
 def test_an_all_zero_batch_is_a_packet_with_zero_pages_only() -> None:
     src, dst = make_ram(), make_ram()
     dst["a"].pages[:3] = 1
@@ -193,7 +233,9 @@ def test_an_all_zero_batch_is_a_packet_with_zero_pages_only() -> None:
 
 
 @pytest.mark.parametrize(
-    "offsets", [[1], [-PAGE_SIZE], [(1024 + 37) * PAGE_SIZE]], ids=["unaligned", "negative", "past-end"]
+    "offsets",
+    [[1], [-PAGE_SIZE], [(1024 + 37) * PAGE_SIZE]],
+    ids=["unaligned", "negative", "past-end"],
 )
 def test_send_pages_rejects_offsets_outside_the_block(offsets: list[int]) -> None:
     src = make_ram()

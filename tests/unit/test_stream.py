@@ -56,9 +56,11 @@ def epilogue() -> bytes:
     return s.timer_section(0) + s.globalstate_section(4) + s.eof() + s.vmdescription(b"{}")
 
 
-def decode(data: bytes, *, chunk: int | None = None, **limits: int) -> list[Event]:
+def decode(
+    data: bytes, *, chunk: int | None = None, max_blocks: int = 1024, max_name_len: int = 255
+) -> list[Event]:
     """Every event of a complete stream, fed whole or in ``chunk``-byte pieces."""
-    decoder = s.StreamDecoder(**limits)
+    decoder = s.StreamDecoder(max_blocks=max_blocks, max_name_len=max_name_len)
     events: list[Event] = []
     step = chunk or max(len(data), 1)
     for at in range(0, len(data), step):
@@ -68,9 +70,9 @@ def decode(data: bytes, *, chunk: int | None = None, **limits: int) -> list[Even
     return events
 
 
-def decode_error(data: bytes, **limits: int) -> ProtocolError:
+def decode_error(data: bytes, *, max_blocks: int = 1024, max_name_len: int = 255) -> ProtocolError:
     with pytest.raises(ProtocolError) as info:
-        decode(data, **limits)
+        decode(data, max_blocks=max_blocks, max_name_len=max_name_len)
     assert info.value.channel == "main"
     return info.value
 
@@ -312,7 +314,9 @@ def test_configuration_missing() -> None:
 
 
 def test_machine_name_length_is_bounded() -> None:
-    error = decode_error(s.file_header() + b"\x07\xff\xff\xff\xff", max_name_len=255)
+    error = decode_error(s.file_header() + b"\x07\x00\x00\x00\x09", max_name_len=8)
+    assert (error.expected, error.received) == ("<= 8", 9)
+    error = decode_error(s.file_header() + b"\x07\xff\xff\xff\xff")
     assert (error.expected, error.received) == ("<= 255", 0xFFFFFFFF)
 
 

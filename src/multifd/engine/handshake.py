@@ -29,7 +29,7 @@ stream. A clean end of stream before ``FINISH`` is remembered (``EOF_SEEN``) so 
 loader fails fast instead of waiting for a SYNC that cannot come.
 
 A missing ``(state, event)`` pair is a broken protocol or a bug: :func:`step` raises
-:class:`IllegalTransition`. The engine threads take every decision through these tables,
+:class:`IllegalTransitionError`. The engine threads take every decision through these tables,
 and an interleaving explorer can enumerate the same tables.
 """
 
@@ -42,7 +42,7 @@ from types import MappingProxyType
 from typing import Any, Final, TypeVar, overload
 
 
-class IllegalTransition(RuntimeError):
+class IllegalTransitionError(RuntimeError):
     """An event that the handshake does not allow in the current state."""
 
 
@@ -178,12 +178,12 @@ def lookup(table: Mapping[tuple[S, E], tuple[S, A]], state: S, event: E) -> tupl
     """The next state and the action for ``event`` in ``state`` according to ``table``.
 
     Raises:
-        IllegalTransition: the table has no entry for ``(state, event)``.
+        IllegalTransitionError: the table has no entry for ``(state, event)``.
     """
     try:
         return table[state, event]
     except KeyError:
-        raise IllegalTransition(f"{event} is not allowed in state {state}") from None
+        raise IllegalTransitionError(f"{event} is not allowed in state {state}") from None
 
 
 @overload
@@ -200,7 +200,7 @@ def step(state: object, event: object, *, table: Mapping[Any, Any] | None = None
     ``table`` runs an alternative handshake (tests and the interleaving explorer do).
 
     Raises:
-        IllegalTransition: the event is not allowed in this state.
+        IllegalTransitionError: the event is not allowed in this state.
     """
     if table is None:
         table = SEND_TABLE if isinstance(state, SendState) else RECV_TABLE

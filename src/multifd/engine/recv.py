@@ -19,6 +19,7 @@ from typing import Final
 
 import numpy as np
 
+from multifd.compression import Decompressor, decompressor, flag_of
 from multifd.engine.handshake import (
     RECV_INITIAL,
     RecvAction,
@@ -26,7 +27,6 @@ from multifd.engine.handshake import (
     RecvState,
     step,
 )
-from multifd.compression import Decompressor, decompressor, flag_of
 from multifd.engine.pageio import Offsets, channel_io, page_runs, recv_exact
 from multifd.engine.shutdown import Shutdown
 from multifd.engine.stats import ChannelCounters, Counters
@@ -97,13 +97,17 @@ class _RecvChannel:
             return False
         if got < PACKET_HEADER_SIZE:
             raise ProtocolError(
-                "unexpected EOF in packet header", channel=self.name,
-                expected=f"{PACKET_HEADER_SIZE} bytes", received=f"{got} bytes",
+                "unexpected EOF in packet header",
+                channel=self.name,
+                expected=f"{PACKET_HEADER_SIZE} bytes",
+                received=f"{got} bytes",
             )
         packet = RamPacket.unpack(self.header_view, channel=self.name)
         size = self._apply(packet) if packet.page_count else 0
         self.counters.count(
-            pages=packet.normal_pages, zero_pages=packet.zero_pages, sync=packet.is_sync,
+            pages=packet.normal_pages,
+            zero_pages=packet.zero_pages,
+            sync=packet.is_sync,
             size=PACKET_HEADER_SIZE + size,
         )
         emit(self.owner.trace, "recv", self.name, packet=packet)
@@ -155,7 +159,8 @@ class _RecvChannel:
         block = self.owner.ram.get(packet.ramblock)
         if block is None:
             raise ProtocolError(
-                "unknown ramblock", channel=self.name,
+                "unknown ramblock",
+                channel=self.name,
                 expected=f"one of {[b.name for b in self.owner.ram]}",
                 received=repr(packet.ramblock),
             )
@@ -168,7 +173,8 @@ class _RecvChannel:
         if normal:
             if packet.method != self.owner.flag:
                 raise ProtocolError(
-                    "packet compression method", channel=self.name,
+                    "packet compression method",
+                    channel=self.name,
                     expected=f"{self.owner.flag:#x} ({self.owner.compression})",
                     received=f"{packet.method:#x}",
                 )
@@ -193,8 +199,10 @@ class _RecvChannel:
         size = packet.next_packet_size
         if size > MAX_COMPRESSED_PAYLOAD:
             raise ProtocolError(
-                "next_packet_size", channel=self.name,
-                expected=f"<= {MAX_COMPRESSED_PAYLOAD}", received=size,
+                "next_packet_size",
+                channel=self.name,
+                expected=f"<= {MAX_COMPRESSED_PAYLOAD}",
+                received=size,
             )
         payload = self.payload[:size]
         with channel_io(self.name, "read", self.owner.io_timeout):
@@ -207,8 +215,10 @@ class _RecvChannel:
 
     def _eof_in_payload(self, expected: int, received: int) -> None:
         raise ProtocolError(
-            "unexpected EOF in page data", channel=self.name,
-            expected=f"{expected} bytes", received=f"{received} bytes",
+            "unexpected EOF in page data",
+            channel=self.name,
+            expected=f"{expected} bytes",
+            received=f"{received} bytes",
         )
 
 
@@ -293,12 +303,16 @@ class Receiver:
         name = multifd_channel(init.channel_id)
         if self.uuid is not None and init.uuid != self.uuid:
             raise ProtocolError(
-                "init packet uuid", channel=name, expected=self.uuid.hex(),
+                "init packet uuid",
+                channel=name,
+                expected=self.uuid.hex(),
                 received=init.uuid.hex(),
             )
         if init.channel_id >= self.channels:
             raise ProtocolError(
-                "init packet channel id", channel=name, expected=f"< {self.channels}",
+                "init packet channel id",
+                channel=name,
+                expected=f"< {self.channels}",
                 received=init.channel_id,
             )
         return init
@@ -308,8 +322,10 @@ class Receiver:
         with self.cond:
             if self._channels[index] is not None:
                 raise ProtocolError(
-                    "init packet channel id", channel=multifd_channel(index),
-                    expected="an id not used yet", received=f"{index} a second time",
+                    "init packet channel id",
+                    channel=multifd_channel(index),
+                    expected="an id not used yet",
+                    received=f"{index} a second time",
                 )
             channel = _RecvChannel(self, index, sock)
             self._channels[index] = channel

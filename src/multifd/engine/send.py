@@ -20,8 +20,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, step
 from multifd.compression import Compressor, compressor, flag_of
+from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, step
 from multifd.engine.pageio import Offsets, channel_io, page_runs, send_buffers
 from multifd.engine.shutdown import Shutdown
 from multifd.engine.stats import ChannelCounters, Counters
@@ -53,10 +53,9 @@ class _Batch:
 
 def _partition_zero_pages(block: RamBlock, offsets: Offsets) -> tuple[Offsets, Offsets]:
     """Split ``offsets`` into (non-zero pages, zero pages), each in the given order (spec 5.2)."""
-    first = int(offsets[0]) >> PAGE_SHIFT
-    count = len(offsets)
-    if int(offsets[-1]) - int(offsets[0]) == (count - 1) * PAGE_SIZE:
-        zero = block.zero_page_mask(first, count)  # a run: scan the block slice in place
+    if len(offsets) == 1 or bool((np.diff(offsets) == PAGE_SIZE).all()):
+        # One run of pages: scan the block slice in place, no gather copy.
+        zero = block.zero_page_mask(int(offsets[0]) >> PAGE_SHIFT, len(offsets))
     else:
         words = np.frombuffer(block.view, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
         zero = ~words[offsets >> PAGE_SHIFT].any(axis=1)
@@ -148,7 +147,7 @@ class _SendChannel:
             offsets, zero = _partition_zero_pages(block, offsets)
         runs = [block.view[start : start + size] for start, size in page_runs(offsets)]
         flags = self.owner.flag
-        body: list[memoryview | bytes] = runs
+        body: Sequence[memoryview | bytes] = runs
         size = len(offsets) * PAGE_SIZE
         if self.compressor is not None and len(offsets):
             pages = [block.page_view(offset) for offset in offsets.tolist()]
@@ -177,7 +176,9 @@ class _SendChannel:
             self.counters.bytes += size
             return
         self.counters.count(
-            pages=packet.normal_pages, zero_pages=packet.zero_pages, sync=packet.is_sync,
+            pages=packet.normal_pages,
+            zero_pages=packet.zero_pages,
+            sync=packet.is_sync,
             size=size,
         )
         emit(self.owner.trace, "send", self.name, packet=packet)

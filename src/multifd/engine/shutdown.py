@@ -9,6 +9,7 @@ blocked reads and writes return), every thread is joined with a bound, and calle
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -79,7 +80,9 @@ class Shutdown:
         with self._lock:
             self._exiting.set()
             sockets, sems, wakeups = (
-                list(self._sockets), list(self._semaphores), list(self._wakeups)
+                list(self._sockets),
+                list(self._semaphores),
+                list(self._wakeups),
             )
         self._wake(sockets, sems, wakeups)
 
@@ -137,7 +140,5 @@ class Shutdown:
         for wakeup in wakeups:
             wakeup()
         for sock in sockets:
-            try:
+            with contextlib.suppress(OSError):  # already closed: nothing left to wake
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed or never connected: nothing left to wake

@@ -52,6 +52,10 @@ class Counters:
 
     def snapshot(self) -> ChannelCounters:
         return ChannelCounters(
-            self.channel, self.packets, self.sync_packets, self.pages, self.zero_pages,
+            self.channel,
+            self.packets,
+            self.sync_packets,
+            self.pages,
+            self.zero_pages,
             self.bytes,
         )

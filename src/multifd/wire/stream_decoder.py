@@ -378,7 +378,7 @@ class StreamDecoder:
         raise self._error_at(
             "data after the VM description",
             "the end of the stream",
-            f"{self._available(self._pos)} more bytes",
+            f"byte {self._buf[self._pos]:#04x}",
         )
 
     # -- sections ---------------------------------------------------------------------------
