@@ -70,11 +70,20 @@ def as_ram(blocks: Ram | Mapping[str, BlockSource]) -> Ram:
     return ram
 
 
-def send(address: str, blocks: Ram | Mapping[str, BlockSource], *,
-         channels: int = DEFAULT_CHANNELS, peer: str = "native", uuid: str | None = None,
-         compression: str = "none", level: int | None = None, connect_timeout: float = 10.0,
-         io_timeout: float = 30.0, trace: TraceHook | None = None,
-         progress: ProgressHook | None = None) -> MigrationStats:
+def send(
+    address: str,
+    blocks: Ram | Mapping[str, BlockSource],
+    *,
+    channels: int = DEFAULT_CHANNELS,
+    peer: str = "native",
+    uuid: str | None = None,
+    compression: str = "none",
+    level: int | None = None,
+    connect_timeout: float = 10.0,
+    io_timeout: float = 30.0,
+    trace: TraceHook | None = None,
+    progress: ProgressHook | None = None,
+) -> MigrationStats:
     """Migrate ``blocks`` to the destination listening at ``address``.
 
     Args:
@@ -99,9 +108,15 @@ def send(address: str, blocks: Ram | Mapping[str, BlockSource], *,
         MigrationFailed: the migration failed; ``__cause__`` is the first error.
     """
     source = Source(
-        as_ram(blocks), profile(peer), channels=check_channels(channels),
-        uuid=parse_uuid(uuid) or bytes(16), compression=compression, level=level,
-        io_timeout=io_timeout, trace=trace, progress=progress,
+        as_ram(blocks),
+        profile(peer),
+        channels=check_channels(channels),
+        uuid=parse_uuid(uuid) or bytes(16),
+        compression=compression,
+        level=level,
+        io_timeout=io_timeout,
+        trace=trace,
+        progress=progress,
     )
     return source.migrate(transport.parse_address(address), connect_timeout=connect_timeout)
 
@@ -114,11 +129,19 @@ class Received:
     ram: Ram
 
 
-def receive(address: str, *, channels: int = DEFAULT_CHANNELS, output: str | Path | None = None,
-            uuid: str | None = None, compression: str = "none", io_timeout: float = 30.0,
-            setup_timeout: float = 60.0, limits: Limits | None = None,
-            on_listening: Callable[[str], None] | None = None,
-            trace: TraceHook | None = None) -> Received:
+def receive(
+    address: str,
+    *,
+    channels: int = DEFAULT_CHANNELS,
+    output: str | Path | None = None,
+    uuid: str | None = None,
+    compression: str = "none",
+    io_timeout: float = 30.0,
+    setup_timeout: float = 60.0,
+    limits: Limits | None = None,
+    on_listening: Callable[[str], None] | None = None,
+    trace: TraceHook | None = None,
+) -> Received:
     """Listen at ``address`` and receive one migration.
 
     Args:
@@ -137,9 +160,14 @@ def receive(address: str, *, channels: int = DEFAULT_CHANNELS, output: str | Pat
         The statistics and the blocks; the caller closes ``ram`` when done.
     """
     destination = Destination(
-        channels=check_channels(channels), output=Path(output) if output is not None else None,
-        uuid=parse_uuid(uuid), compression=compression, io_timeout=io_timeout,
-        setup_timeout=setup_timeout, limits=limits, trace=trace,
+        channels=check_channels(channels),
+        output=Path(output) if output is not None else None,
+        uuid=parse_uuid(uuid),
+        compression=compression,
+        io_timeout=io_timeout,
+        setup_timeout=setup_timeout,
+        limits=limits,
+        trace=trace,
     )
     with transport.listen(transport.parse_address(address)) as listener:
         if on_listening is not None:

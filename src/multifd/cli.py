@@ -44,8 +44,9 @@ def _print_stats(stats: MigrationStats, as_json: bool) -> None:
         markup=False,
     )
     for ch in stats.channels:
-        err.print(f"  {ch.channel:>10}: {ch.packets} packets, {ch.bytes / 2**20:.1f} MiB",
-                  markup=False)
+        err.print(
+            f"  {ch.channel:>10}: {ch.packets} packets, {ch.bytes / 2**20:.1f} MiB", markup=False
+        )
 
 
 @contextmanager
@@ -53,8 +54,13 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[MigrationStats], 
     if not enabled:
         yield None
         return
-    columns = (TextColumn("sending"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("sending"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task("send", total=total)
 
@@ -65,19 +71,36 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[MigrationStats], 
 
 
 def _channels_option() -> Callable[[Callable[..., None]], Callable[..., None]]:
-    return click.option("--channels", type=click.IntRange(0, api.MAX_CHANNELS),
-                        default=api.DEFAULT_CHANNELS, show_default=True,
-                        help="Multifd channels (0: every page on the main channel).")
+    return click.option(
+        "--channels",
+        type=click.IntRange(0, api.MAX_CHANNELS),
+        default=api.DEFAULT_CHANNELS,
+        show_default=True,
+        help="Multifd channels (0: every page on the main channel).",
+    )
 
 
 def _common(func: Callable[..., None]) -> Callable[..., None]:
-    func = click.option("--json", "as_json", is_flag=True,
-                        help="Print the final statistics as one JSON object on stdout.")(func)
+    func = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print the final statistics as one JSON object on stdout.",
+    )(func)
     func = click.option("--uuid", default=None, help="UUID carried by every multifd channel.")(func)
-    func = click.option("--compression", type=click.Choice(["none", "zlib", "zstd"]),
-                        default="none", show_default=True)(func)
-    func = click.option("--io-timeout", type=click.FloatRange(min=0.1), default=30.0,
-                        show_default=True, help="Seconds a channel may stall.")(func)
+    func = click.option(
+        "--compression",
+        type=click.Choice(["none", "zlib", "zstd"]),
+        default="none",
+        show_default=True,
+    )(func)
+    func = click.option(
+        "--io-timeout",
+        type=click.FloatRange(min=0.1),
+        default=30.0,
+        show_default=True,
+        help="Seconds a channel may stall.",
+    )(func)
     return _channels_option()(func)
 
 
@@ -89,20 +112,37 @@ def main() -> None:
 
 @main.command()
 @click.argument("address")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder where each received block is written as a file.")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder where each received block is written as a file.",
+)
 @_common
-def receive(address: str, output: Path | None, channels: int, uuid: str | None,
-            compression: str, io_timeout: float, as_json: bool) -> None:
+def receive(
+    address: str,
+    output: Path | None,
+    channels: int,
+    uuid: str | None,
+    compression: str,
+    io_timeout: float,
+    as_json: bool,
+) -> None:
     """Listen at ADDRESS (tcp:HOST:PORT or unix:PATH) and receive one migration."""
 
     def listening(real: str) -> None:
         err.print(f"listening on {real}", markup=False)
 
     try:
-        result = api.receive(address, channels=channels, output=output, uuid=uuid,
-                             compression=compression, io_timeout=io_timeout,
-                             on_listening=listening)
+        result = api.receive(
+            address,
+            channels=channels,
+            output=output,
+            uuid=uuid,
+            compression=compression,
+            io_timeout=io_timeout,
+            on_listening=listening,
+        )
     except MultifdError as exc:
         _fail(exc)
     try:
@@ -113,22 +153,50 @@ def receive(address: str, output: Path | None, channels: int, uuid: str | None,
 
 @main.command()
 @click.argument("address")
-@click.option("--block", "blocks", multiple=True, required=True, metavar="NAME=FILE",
-              help="A RAM block to send: its name and a file (size a multiple of 4096).")
-@click.option("--peer", type=click.Choice(sorted(PROFILES)), default="native",
-              show_default=True, help="The destination's QEMU behaviour.")
+@click.option(
+    "--block",
+    "blocks",
+    multiple=True,
+    required=True,
+    metavar="NAME=FILE",
+    help="A RAM block to send: its name and a file (size a multiple of 4096).",
+)
+@click.option(
+    "--peer",
+    type=click.Choice(sorted(PROFILES)),
+    default="native",
+    show_default=True,
+    help="The destination's QEMU behaviour.",
+)
 @click.option("--level", type=int, default=None, help="Compression level.")
 @_common
-def send(address: str, blocks: tuple[str, ...], peer: str, level: int | None, channels: int,
-         uuid: str | None, compression: str, io_timeout: float, as_json: bool) -> None:
+def send(
+    address: str,
+    blocks: tuple[str, ...],
+    peer: str,
+    level: int | None,
+    channels: int,
+    uuid: str | None,
+    compression: str,
+    io_timeout: float,
+    as_json: bool,
+) -> None:
     """Send files as RAM blocks to the destination at ADDRESS."""
     try:
         named = dict(_split_block(spec) for spec in blocks)
         ram = api.as_ram(named)
         with _progress(err.is_terminal and not as_json, ram.total_size) as progress:
-            stats = api.send(address, ram, channels=channels, peer=peer, uuid=uuid,
-                             compression=compression, level=level, io_timeout=io_timeout,
-                             progress=progress)
+            stats = api.send(
+                address,
+                ram,
+                channels=channels,
+                peer=peer,
+                uuid=uuid,
+                compression=compression,
+                level=level,
+                io_timeout=io_timeout,
+                progress=progress,
+            )
         ram.close()
     except MultifdError as exc:
         _fail(exc)
@@ -151,8 +219,9 @@ def demo(size: str, zero_fraction: float, channels: int) -> None:
     from multifd.demo import run_demo  # noqa: PLC0415  (numpy-heavy set-up only on demand)
 
     try:
-        ok = run_demo(size=_parse_size(size), zero_fraction=zero_fraction, channels=channels,
-                      console=err)
+        ok = run_demo(
+            size=_parse_size(size), zero_fraction=zero_fraction, channels=channels, console=err
+        )
     except MultifdError as exc:
         _fail(exc)
     sys.exit(0 if ok else 1)

@@ -67,17 +67,30 @@ def read_listening_line(stream: IO[bytes], timeout: float) -> str:
 def run_demo(*, size: int, zero_fraction: float, channels: int, console: Console) -> bool:
     """Run the demo; True when the destination equals the source."""
     size -= size % PAGE_SIZE
-    shm = Path("/dev/shm")
-    with tempfile.TemporaryDirectory(prefix="multifd-demo-",
-                                     dir=shm if shm.is_dir() else None) as tmp:
-        console.print(f"generating a {size / 2**20:.0f} MiB block "
-                      f"({zero_fraction:.0%} zero pages)...")
+    shm = Path("/dev/shm")  # noqa: S108  (a private temporary folder made inside it)
+    with tempfile.TemporaryDirectory(
+        prefix="multifd-demo-", dir=shm if shm.is_dir() else None
+    ) as tmp:
+        console.print(
+            f"generating a {size / 2**20:.0f} MiB block ({zero_fraction:.0%} zero pages)..."
+        )
         block = generate_block(size, zero_fraction)
         out = Path(tmp) / "received"
         receiver = subprocess.Popen(
-            [sys.executable, "-m", "multifd", "receive", "tcp:127.0.0.1:0", "--channels",
-             str(channels), "--output", str(out), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "multifd",
+                "receive",
+                "tcp:127.0.0.1:0",
+                "--channels",
+                str(channels),
+                "--output",
+                str(out),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         try:
             assert receiver.stderr is not None
@@ -124,6 +137,11 @@ def _summary(console: Console, stats: MigrationStats, remote: dict[str, object])
     for column in ("channel", "packets", "pages", "zero pages", "MiB"):
         table.add_column(column, justify="right")
     for ch in stats.channels:
-        table.add_row(ch.channel, str(ch.packets), str(ch.pages), str(ch.zero_pages),
-                      f"{ch.bytes / 2**20:.1f}")
+        table.add_row(
+            ch.channel,
+            str(ch.packets),
+            str(ch.pages),
+            str(ch.zero_pages),
+            f"{ch.bytes / 2**20:.1f}",
+        )
     console.print(table)

@@ -41,6 +41,13 @@ def feed(data: bytes) -> tuple[socket.socket, threading.Thread]:
     return ours, writer
 
 
+def assert_pages(mem: RamBlock) -> None:
+    for page, fill in ((0, 0x01), (1, 0x02), (5, 0x06)):
+        assert bytes(mem.page_view(page * PAGE_SIZE)) == bytes([fill]) * PAGE_SIZE
+    untouched = [p for p in range(mem.page_count) if p not in (0, 1, 5)]
+    assert not mem.pages[untouched].any()
+
+
 @pytest.mark.parametrize(
     ("method", "race_flags"),
     [("none", MULTIFD_FLAG_SYNC), ("zlib", None), ("zstd", MULTIFD_FLAG_SYNC | MULTIFD_FLAG_ZSTD)],
@@ -58,17 +65,16 @@ def test_qemu72_channels_load_into_memory(method: str, race_flags: int | None) -
             sock, writer = feed(data)
             writers.append(writer)
             assert receiver.accept_channel(sock, TIMEOUT) == data[24]  # the init packet's id
-        for _ in range(CAPTURE_SYNCS):  # the loader at each EOS marker of the main stream
+        for k in range(CAPTURE_SYNCS):  # the loader at each EOS marker of the main stream
             receiver.wait_sync(TIMEOUT)
+            if k == 1:  # I4: the pages came before (or inside) the second SYNC of id 0
+                assert_pages(mem)
         receiver.finish(TIMEOUT)
     finally:
         receiver.close()
         for writer in writers:
             writer.join(TIMEOUT)
-    for page, fill in ((0, 0x01), (1, 0x02), (5, 0x06)):
-        assert bytes(mem.page_view(page * PAGE_SIZE)) == bytes([fill]) * PAGE_SIZE
-    untouched = [p for p in range(mem.page_count) if p not in (0, 1, 5)]
-    assert not mem.pages[untouched].any()
+    assert_pages(mem)
     stats = receiver.stats()
     assert [c.sync_packets for c in stats] == [CAPTURE_SYNCS, CAPTURE_SYNCS]
     assert sum(c.pages for c in stats) == 3

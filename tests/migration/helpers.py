@@ -36,7 +36,7 @@ class ReceiverThread:
     """``multifd.receive`` running on a thread; :meth:`result` joins it."""
 
     kwargs: dict[str, Any]
-    address: "queue.Queue[str]" = field(default_factory=queue.Queue)
+    address: queue.Queue[str] = field(default_factory=queue.Queue)
     _outcome: list[multifd.Received | BaseException] = field(default_factory=list)
     _thread: threading.Thread | None = None
 
@@ -72,8 +72,9 @@ def assert_same(source: Ram, received: Ram) -> None:
         assert diff.size == 0, f"block {block.name}: {diff.size} pages differ, first {diff[:5]}"
 
 
-def migrate_locally(listen: str, source: Ram, *, send: Callable[[str], object] | None = None,
-                    **kwargs: Any) -> multifd.Received:
+def migrate_locally(
+    listen: str, source: Ram, *, send: Callable[[str], object] | None = None, **kwargs: Any
+) -> multifd.Received:
     """Receive on a thread, send from this one, return what arrived."""
     receiver = ReceiverThread(dict(kwargs))
     address = receiver.start(listen)

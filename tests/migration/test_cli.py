@@ -17,8 +17,9 @@ CLI = [sys.executable, "-m", "multifd"]
 
 
 def _receiver(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen([*CLI, "receive", "tcp:127.0.0.1:0", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*CLI, "receive", "tcp:127.0.0.1:0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert proc.stderr is not None
     try:
         return proc, read_listening_line(proc.stderr, BOUND)
@@ -39,8 +40,12 @@ def _image(path: Path, pages: int, seed: int) -> Path:
 def test_send_and_receive_files_with_json(tmp_path: Path) -> None:
     image = _image(tmp_path / "ram.img", 300, seed=1)
     proc, address = _receiver("--channels", "2", "--output", str(tmp_path / "out"), "--json")
-    sent = subprocess.run([*CLI, "send", address, "--block", f"mem={image}", "--json"],
-                          capture_output=True, timeout=BOUND, check=False)
+    sent = subprocess.run(
+        [*CLI, "send", address, "--block", f"mem={image}", "--json"],
+        capture_output=True,
+        timeout=BOUND,
+        check=False,
+    )
     out, errors = proc.communicate(timeout=BOUND)
     assert sent.returncode == 0, sent.stderr
     assert proc.returncode == 0, errors
@@ -57,8 +62,12 @@ def test_refused_connection_is_one_clear_line(tmp_path: Path) -> None:
     proc, address = _receiver("--channels", "0")
     proc.kill()
     proc.communicate(timeout=BOUND)
-    sent = subprocess.run([*CLI, "send", address, "--block", f"mem={image}"],
-                          capture_output=True, timeout=BOUND, check=False)
+    sent = subprocess.run(
+        [*CLI, "send", address, "--block", f"mem={image}"],
+        capture_output=True,
+        timeout=BOUND,
+        check=False,
+    )
     assert sent.returncode == 1
     lines = sent.stderr.decode().strip().splitlines()
     assert len(lines) == 1
@@ -69,8 +78,12 @@ def test_refused_connection_is_one_clear_line(tmp_path: Path) -> None:
 def test_bad_block_size_is_refused_before_connecting(tmp_path: Path) -> None:
     odd = tmp_path / "odd.img"
     odd.write_bytes(b"x" * 1000)
-    sent = subprocess.run([*CLI, "send", "tcp:127.0.0.1:9", "--block", f"mem={odd}"],
-                          capture_output=True, timeout=BOUND, check=False)
+    sent = subprocess.run(
+        [*CLI, "send", "tcp:127.0.0.1:9", "--block", f"mem={odd}"],
+        capture_output=True,
+        timeout=BOUND,
+        check=False,
+    )
     assert sent.returncode == 1
     assert "multiple of 4096" in sent.stderr.decode()
 
@@ -80,8 +93,12 @@ def test_uuid_mismatch_is_refused(tmp_path: Path, sender_uuid: str | None) -> No
     image = _image(tmp_path / "ram.img", 8, seed=3)
     proc, address = _receiver("--uuid", "00000000-0000-0000-0000-00000000abcd")
     extra = ["--uuid", sender_uuid] if sender_uuid else []
-    sent = subprocess.run([*CLI, "send", address, "--block", f"mem={image}", *extra],
-                          capture_output=True, timeout=BOUND, check=False)
+    sent = subprocess.run(
+        [*CLI, "send", address, "--block", f"mem={image}", *extra],
+        capture_output=True,
+        timeout=BOUND,
+        check=False,
+    )
     _, errors = proc.communicate(timeout=BOUND)
     assert proc.returncode == 1
     assert sent.returncode == 1

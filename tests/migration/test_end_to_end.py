@@ -18,7 +18,9 @@ SIZES = {"mem": 256 * PAGE, "rom": 37 * PAGE}  # 37: a batch that is not a multi
 def test_tcp_migration_is_exact(channels: int, peer: str) -> None:
     source = make_ram(channels, SIZES)
     result = migrate_locally(
-        "tcp:127.0.0.1:0", source, channels=channels,
+        "tcp:127.0.0.1:0",
+        source,
+        channels=channels,
         send=lambda address: multifd.send(address, source, channels=channels, peer=peer),
     )
     try:
@@ -47,9 +49,12 @@ def test_markers_follow_one_sync_per_channel(peer: str) -> None:
     source = make_ram(3, SIZES)
     channels = 4
     result = migrate_locally(
-        "tcp:127.0.0.1:0", source, channels=channels,
-        send=lambda address: multifd.send(address, source, channels=channels, peer=peer,
-                                          trace=events.append),
+        "tcp:127.0.0.1:0",
+        source,
+        channels=channels,
+        send=lambda address: multifd.send(
+            address, source, channels=channels, peer=peer, trace=events.append
+        ),
     )
     result.ram.close()
     sent = sorted((e for e in events if e.direction == "send"), key=lambda e: e.seq)

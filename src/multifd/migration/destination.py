@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, NoReturn, cast
 from urllib.parse import quote
 
 from multifd import transport
@@ -62,6 +62,65 @@ def block_filename(name: str) -> str:
     return encoded if encoded not in (".", "..") else encoded.replace(".", "%2E")
 
 
+class _Arrivals:
+    """Connections accepted during setup, until each is classified.
+
+    Owned by the setup thread alone. Sockets still waiting for their first bytes, and the
+    main channel until :meth:`take_main`, are closed if setup fails.
+    """
+
+    def __init__(self, listener: transport.Listener, io_timeout: float) -> None:
+        self._listener = listener
+        self._io_timeout = io_timeout
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener.socket, selectors.EVENT_READ)
+        self._waiting: list[socket.socket] = []
+        self.main: socket.socket | None = None
+        self.multifd = 0
+
+    def ready(self, timeout: float) -> list[socket.socket]:
+        """Accept what is pending; return the connections whose first bytes arrived."""
+        readable = []
+        for key, _ in self._selector.select(timeout):
+            if key.fileobj is self._listener.socket:
+                sock = self._listener.accept(self._io_timeout)
+                self._waiting.append(sock)
+                self._selector.register(sock, selectors.EVENT_READ)
+            else:
+                sock = cast(socket.socket, key.fileobj)
+                self._selector.unregister(sock)
+                self._waiting.remove(sock)
+                readable.append(sock)
+        return readable
+
+    def set_main(self, sock: socket.socket) -> None:
+        if self.main is not None:
+            transport.close_quietly(sock)
+            raise ProtocolError(
+                "connection",
+                channel=MAIN,
+                expected="one main channel",
+                received="a second main channel",
+            )
+        self.main = sock
+
+    def take_main(self) -> socket.socket:
+        main, self.main = self.main, None
+        assert main is not None
+        main.settimeout(_POLL)
+        return main
+
+    def __enter__(self) -> _Arrivals:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._selector.close()
+        for sock in self._waiting:
+            transport.close_quietly(sock)
+        if self.main is not None:
+            transport.close_quietly(self.main)
+
+
 class Destination:
     """Receives one migration into RAM blocks (anonymous memory or files in a folder).
 
@@ -75,10 +134,18 @@ class Destination:
         trace: sees every packet and marker received.
     """
 
-    def __init__(self, *, channels: int = 2, output: Path | None = None,
-                 uuid: bytes | None = None, compression: str = "none",
-                 io_timeout: float = 30.0, setup_timeout: float = 60.0,
-                 limits: Limits | None = None, trace: TraceHook | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        channels: int = 2,
+        output: Path | None = None,
+        uuid: bytes | None = None,
+        compression: str = "none",
+        io_timeout: float = 30.0,
+        setup_timeout: float = 60.0,
+        limits: Limits | None = None,
+        trace: TraceHook | None = None,
+    ) -> None:
         self.channels = channels
         self.output = output
         self.uuid = uuid
@@ -111,8 +178,12 @@ class Destination:
         try:
             if self.channels:
                 self._receiver = Receiver(
-                    self.ram, channels=self.channels, uuid=self.uuid,
-                    compression=self.compression, trace=self.trace, io_timeout=self.io_timeout,
+                    self.ram,
+                    channels=self.channels,
+                    uuid=self.uuid,
+                    compression=self.compression,
+                    trace=self.trace,
+                    io_timeout=self.io_timeout,
                 )
             self._main = self._accept_channels(listener)
             self._setup_ms = (time.monotonic() - self._start) * 1e3
@@ -145,60 +216,39 @@ class Destination:
     # -- setup: accept and classify ---------------------------------------------------------
     def _accept_channels(self, listener: transport.Listener) -> socket.socket:
         deadline = time.monotonic() + self.setup_timeout
-        main: socket.socket | None = None
-        multifd = 0
-        waiting: list[socket.socket] = []
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener.socket, selectors.EVENT_READ)
-            try:
-                while main is None or multifd < self.channels:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ChannelError(self._setup_timeout_message(main, multifd),
-                                           channel=MAIN if main is None else "multifd")
-                    for key, _ in selector.select(min(remaining, _POLL)):
-                        if key.fileobj is listener.socket:
-                            sock = listener.accept(self.io_timeout)
-                            waiting.append(sock)
-                            selector.register(sock, selectors.EVENT_READ)
-                            continue
-                        sock = key.fileobj  # type: ignore[assignment]
-                        selector.unregister(sock)
-                        waiting.remove(sock)
-                        kind = transport.classify(sock, timeout=self.io_timeout)
-                        if kind == "main":
-                            if main is not None:
-                                transport.close_quietly(sock)
-                                raise ProtocolError("connection", channel=MAIN,
-                                                    expected="one main channel",
-                                                    received="a second main channel")
-                            main = sock
-                            main.settimeout(_POLL)
-                        else:
-                            self._accept_multifd(sock)
-                            multifd += 1
-            except BaseException:
-                for sock in waiting:
-                    transport.close_quietly(sock)
-                if main is not None:
-                    transport.close_quietly(main)
-                raise
-        return main
+        with _Arrivals(listener, self.io_timeout) as arrivals:
+            while arrivals.main is None or arrivals.multifd < self.channels:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._setup_timed_out(arrivals)
+                for sock in arrivals.ready(min(remaining, _POLL)):
+                    if transport.classify(sock, timeout=self.io_timeout) == "main":
+                        arrivals.set_main(sock)
+                    else:
+                        arrivals.multifd += 1
+                        self._accept_multifd(sock)
+            return arrivals.take_main()
+
+    def _setup_timed_out(self, arrivals: _Arrivals) -> NoReturn:
+        if arrivals.main is None:
+            raise ChannelError(f"no main channel within {self.setup_timeout:g} s", channel=MAIN)
+        raise ChannelError(
+            f"{arrivals.multifd} of {self.channels} multifd channels arrived within "
+            f"{self.setup_timeout:g} s; does the source use multifd with "
+            f"{self.channels} channels?",
+            channel="multifd",
+        )
 
     def _accept_multifd(self, sock: socket.socket) -> None:
         if self._receiver is None:
             transport.close_quietly(sock)
-            raise ProtocolError("connection", channel="multifd/?",
-                                expected="no multifd channel (--channels 0)",
-                                received="a multifd channel")
+            raise ProtocolError(
+                "connection",
+                channel="multifd/?",
+                expected="no multifd channel (--channels 0)",
+                received="a multifd channel",
+            )
         self._receiver.accept_channel(sock, self.io_timeout)
-
-    def _setup_timeout_message(self, main: socket.socket | None, multifd: int) -> str:
-        if main is None:
-            return f"no main channel within {self.setup_timeout:g} s"
-        return (f"{multifd} of {self.channels} multifd channels arrived within "
-                f"{self.setup_timeout:g} s; does the source use multifd with "
-                f"{self.channels} channels?")
 
     # -- the main stream --------------------------------------------------------------------
     def _load(self) -> None:
@@ -231,8 +281,9 @@ class Destination:
             self._decoder.feed(view[:count])
             self._drain_events()
         if not self._eof_seen:
-            raise ProtocolError("main stream", channel=MAIN, expected="QEMU_VM_EOF",
-                                received="end of stream")
+            raise ProtocolError(
+                "main stream", channel=MAIN, expected="QEMU_VM_EOF", received="end of stream"
+            )
 
     def _progress_mark(self) -> int:
         if self._receiver is None:
@@ -247,7 +298,7 @@ class Destination:
         while (event := self._decoder.next_event()) is not None:
             self._handle(event)
 
-    def _handle(self, event: stream.Event) -> None:  # noqa: PLR0912
+    def _handle(self, event: stream.Event) -> None:
         match event:
             case stream.RamPage(block=name, offset=offset, data=data):
                 self._block(name, offset).view[offset : offset + PAGE_SIZE] = data
@@ -265,12 +316,19 @@ class Destination:
             case stream.SectionStart(idstr="ram", version_id=version) if (
                 version != RAM_SECTION_VERSION
             ):
-                raise ProtocolError("ram section version", channel=MAIN,
-                                    expected=RAM_SECTION_VERSION, received=version)
+                raise ProtocolError(
+                    "ram section version",
+                    channel=MAIN,
+                    expected=RAM_SECTION_VERSION,
+                    received=version,
+                )
             case stream.Command(cmd=cmd) if cmd != MIG_CMD_SWITCHOVER_START:
-                raise ProtocolError("command", channel=MAIN,
-                                    expected=f"MIG_CMD_SWITCHOVER_START ({MIG_CMD_SWITCHOVER_START})",
-                                    received=cmd)
+                raise ProtocolError(
+                    "command",
+                    channel=MAIN,
+                    expected=f"MIG_CMD_SWITCHOVER_START ({MIG_CMD_SWITCHOVER_START})",
+                    received=cmd,
+                )
             case stream.Eof():
                 self.status = Status.DEVICE
                 self._eof_seen = True
@@ -280,12 +338,19 @@ class Destination:
     def _block(self, name: str, offset: int) -> RamBlock:
         block = self.ram.get(name)
         if block is None:
-            raise ProtocolError("ram record block", channel=MAIN,
-                                expected=f"one of {[b.name for b in self.ram]}", received=name)
+            raise ProtocolError(
+                "ram record block",
+                channel=MAIN,
+                expected=f"one of {[b.name for b in self.ram]}",
+                received=name,
+            )
         if offset % PAGE_SIZE or offset > block.size - PAGE_SIZE:
-            raise ProtocolError(f"ram record offset in {name!r}", channel=MAIN,
-                                expected=f"a page offset <= {block.size - PAGE_SIZE:#x}",
-                                received=f"{offset:#x}")
+            raise ProtocolError(
+                f"ram record offset in {name!r}",
+                channel=MAIN,
+                expected=f"a page offset <= {block.size - PAGE_SIZE:#x}",
+                received=f"{offset:#x}",
+            )
         return block
 
     def _apply_zero(self, name: str, offset: int, fill: int) -> None:
@@ -297,18 +362,31 @@ class Destination:
 
     def _create_blocks(self, total: int, blocks: tuple[tuple[str, int], ...]) -> None:
         if len(self.ram):
-            raise ProtocolError("ram setup", channel=MAIN, expected="one MEM_SIZE record",
-                                received="a second one")
+            raise ProtocolError(
+                "ram setup", channel=MAIN, expected="one MEM_SIZE record", received="a second one"
+            )
         if len(blocks) > self.limits.max_blocks:
-            raise ProtocolError("ram block count", channel=MAIN,
-                                expected=f"<= {self.limits.max_blocks}", received=len(blocks))
+            raise ProtocolError(
+                "ram block count",
+                channel=MAIN,
+                expected=f"<= {self.limits.max_blocks}",
+                received=len(blocks),
+            )
         if total > self.limits.max_total:
-            raise ProtocolError("total ram size", channel=MAIN,
-                                expected=f"<= {self.limits.max_total}", received=total)
+            raise ProtocolError(
+                "total ram size",
+                channel=MAIN,
+                expected=f"<= {self.limits.max_total}",
+                received=total,
+            )
         for name, size in blocks:
             if size <= 0 or size % PAGE_SIZE:
-                raise ProtocolError(f"size of block {name!r}", channel=MAIN,
-                                    expected=f"a positive multiple of {PAGE_SIZE}", received=size)
+                raise ProtocolError(
+                    f"size of block {name!r}",
+                    channel=MAIN,
+                    expected=f"a positive multiple of {PAGE_SIZE}",
+                    received=size,
+                )
             block = self._new_block(name, size)
             block.prefault()
             self.ram.add(block)
@@ -318,8 +396,7 @@ class Destination:
         if self.output is None:
             return RamBlock.anonymous(name, size)
         self.output.mkdir(parents=True, exist_ok=True)
-        return RamBlock.from_file(name, self.output / block_filename(name), size=size,
-                                  create=True)
+        return RamBlock.from_file(name, self.output / block_filename(name), size=size, create=True)
 
     # -- sync markers -----------------------------------------------------------------------
     def _on_eos(self) -> None:
@@ -331,9 +408,12 @@ class Destination:
 
     def _on_flush(self) -> None:
         if self.sync_mode is SyncMode.PER_SECTION:
-            raise ProtocolError("sync marker", channel=MAIN,
-                                expected="EOS (per-section sync mode, set by the setup section)",
-                                received="MULTIFD_FLUSH")
+            raise ProtocolError(
+                "sync marker",
+                channel=MAIN,
+                expected="EOS (per-section sync mode, set by the setup section)",
+                received="MULTIFD_FLUSH",
+            )
         self._flush_seen = True
         self._sync("MULTIFD_FLUSH")
 
@@ -348,19 +428,39 @@ class Destination:
     # -- statistics -------------------------------------------------------------------------
     def stats(self) -> MigrationStats:
         elapsed = (time.monotonic() - self._start) * 1e3 if self._start else 0.0
-        channels = [ChannelStats(MAIN, packets=0, pages=self._main_pages,
-                                 zero_pages=self._zero_records, bytes=self._main_bytes)]
+        channels = [
+            ChannelStats(
+                MAIN,
+                packets=0,
+                pages=self._main_pages,
+                zero_pages=self._zero_records,
+                bytes=self._main_bytes,
+            )
+        ]
         multifd_bytes = normal = duplicate = 0
         if self._receiver is not None:
             for ch in self._receiver.stats():
-                channels.append(ChannelStats(ch.channel, packets=ch.packets, pages=ch.pages,
-                                             zero_pages=ch.zero_pages, bytes=ch.bytes))
+                channels.append(
+                    ChannelStats(
+                        ch.channel,
+                        packets=ch.packets,
+                        pages=ch.pages,
+                        zero_pages=ch.zero_pages,
+                        bytes=ch.bytes,
+                    )
+                )
                 multifd_bytes += ch.bytes
                 normal += ch.pages
                 duplicate += ch.zero_pages
         return MigrationStats(
-            status=self.status, total_time_ms=elapsed, setup_time_ms=self._setup_ms,
-            total=self.ram.total_size, transferred=self._main_bytes + multifd_bytes,
-            duplicate=duplicate + self._zero_records, normal=normal + self._main_pages,
-            multifd_bytes=multifd_bytes, dirty_sync_count=self._syncs, channels=tuple(channels),
+            status=self.status,
+            total_time_ms=elapsed,
+            setup_time_ms=self._setup_ms,
+            total=self.ram.total_size,
+            transferred=self._main_bytes + multifd_bytes,
+            duplicate=duplicate + self._zero_records,
+            normal=normal + self._main_pages,
+            multifd_bytes=multifd_bytes,
+            dirty_sync_count=self._syncs,
+            channels=tuple(channels),
         )

@@ -1,9 +1,9 @@
 """The sending side of a migration: main stream plus multifd channels.
 
 Theory of operation. The source writes QEMU's main stream on the main channel and hands
-non-zero pages (all pages in ``multifd`` zero-page mode) to the :class:`~multifd.engine.send.Sender`,
-which spreads them over N channel threads. Every round of pages ends with ``Sender.sync()``
-(one SYNC packet per channel, all written) followed by the marker the peer expects on the
+non-zero pages (all pages in ``multifd`` zero-page mode) to the engine's ``Sender``, which
+spreads them over N channel threads. Every round of pages ends with ``Sender.sync()`` (one
+SYNC packet per channel, all written) followed by the marker the peer expects on the
 main channel: ``RAM_SAVE_FLAG_EOS`` in per-section mode, ``RAM_SAVE_FLAG_MULTIFD_FLUSH`` in
 per-round mode (spec 6.3). Without multifd (``channels == 0``) every page travels on the
 main channel as a PAGE or ZERO record.
@@ -104,10 +104,19 @@ class Source:
         progress: called with a snapshot after each chunk of pages.
     """
 
-    def __init__(self, ram: Ram, profile: PeerProfile, *, channels: int = 2,
-                 uuid: bytes = bytes(16), compression: str = "none", level: int | None = None,
-                 io_timeout: float = 30.0, trace: TraceHook | None = None,
-                 progress: ProgressHook | None = None) -> None:
+    def __init__(
+        self,
+        ram: Ram,
+        profile: PeerProfile,
+        *,
+        channels: int = 2,
+        uuid: bytes = bytes(16),
+        compression: str = "none",
+        level: int | None = None,
+        io_timeout: float = 30.0,
+        trace: TraceHook | None = None,
+        progress: ProgressHook | None = None,
+    ) -> None:
         self.ram = ram
         self.profile = profile
         self.channels = channels
@@ -129,7 +138,9 @@ class Source:
         self.status = Status.NONE
 
     # -- the whole migration ----------------------------------------------------------------
-    def migrate(self, address: transport.Address, *, connect_timeout: float = 10.0) -> MigrationStats:
+    def migrate(
+        self, address: transport.Address, *, connect_timeout: float = 10.0
+    ) -> MigrationStats:
         """Connect, send every page once, complete the stream; return the final statistics."""
         self._start = time.monotonic()
         self.status = Status.SETUP
@@ -162,9 +173,13 @@ class Source:
         self._main = MainChannel(main_sock, trace=self.trace)
         if channel_socks:
             self._sender = Sender(
-                channel_socks, uuid=self.uuid, compression=self.compression, level=self.level,
+                channel_socks,
+                uuid=self.uuid,
+                compression=self.compression,
+                level=self.level,
                 detect_zero_pages=self.profile.zero_pages is ZeroPageMode.MULTIFD,
-                trace=self.trace, io_timeout=self.io_timeout,
+                trace=self.trace,
+                io_timeout=self.io_timeout,
             )
             self._sender.start()
         try:
@@ -290,14 +305,27 @@ class Source:
         elapsed = (time.monotonic() - self._start) * 1e3 if self._start else 0.0
         channels: list[ChannelStats] = []
         main_bytes = self._main.bytes_sent if self._main is not None else 0
-        channels.append(ChannelStats(MAIN, packets=self._main.records if self._main else 0,
-                                     pages=self._main_pages, zero_pages=self._zero_records,
-                                     bytes=main_bytes))
+        channels.append(
+            ChannelStats(
+                MAIN,
+                packets=self._main.records if self._main else 0,
+                pages=self._main_pages,
+                zero_pages=self._zero_records,
+                bytes=main_bytes,
+            )
+        )
         multifd_bytes = normal = duplicate = 0
         if self._sender is not None:
             for ch in self._sender.stats():
-                channels.append(ChannelStats(ch.channel, packets=ch.packets, pages=ch.pages,
-                                             zero_pages=ch.zero_pages, bytes=ch.bytes))
+                channels.append(
+                    ChannelStats(
+                        ch.channel,
+                        packets=ch.packets,
+                        pages=ch.pages,
+                        zero_pages=ch.zero_pages,
+                        bytes=ch.bytes,
+                    )
+                )
                 multifd_bytes += ch.bytes
                 normal += ch.pages
                 duplicate += ch.zero_pages
@@ -325,8 +353,13 @@ def _vmdesc() -> bytes:
     """The JSON description QEMU appends after EOF; its destination reads and drops it."""
     devices = [
         {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2, "fields": []},
-        {"name": "globalstate", "instance_id": 0, "vmsd_name": "globalstate",
-         "version": GLOBALSTATE_SECTION_VERSION, "fields": []},
+        {
+            "name": "globalstate",
+            "instance_id": 0,
+            "vmsd_name": "globalstate",
+            "version": GLOBALSTATE_SECTION_VERSION,
+            "fields": [],
+        },
     ]
     return json.dumps({"page_size": PAGE_SIZE, "devices": devices}).encode()
 

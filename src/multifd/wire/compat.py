@@ -42,15 +42,24 @@ PROFILES: dict[str, PeerProfile] = {
     profile.name: profile
     for profile in (
         PeerProfile(
-            "native", SyncMode.PER_ROUND, ZeroPageMode.MULTIFD, switchover_start=False,
+            "native",
+            SyncMode.PER_ROUND,
+            ZeroPageMode.MULTIFD,
+            switchover_start=False,
             description="QEMU 10.0 semantics without the device-side command; Python peers",
         ),
         PeerProfile(
-            "qemu-7.2", SyncMode.PER_SECTION, ZeroPageMode.LEGACY, switchover_start=False,
+            "qemu-7.2",
+            SyncMode.PER_SECTION,
+            ZeroPageMode.LEGACY,
+            switchover_start=False,
             description="QEMU 7.2 and 8.0: SYNC before every EOS, zero pages on the main channel",
         ),
         PeerProfile(
-            "qemu-10.0", SyncMode.PER_ROUND, ZeroPageMode.MULTIFD, switchover_start=True,
+            "qemu-10.0",
+            SyncMode.PER_ROUND,
+            ZeroPageMode.MULTIFD,
+            switchover_start=True,
             description="QEMU 10.x defaults: per-round MULTIFD_FLUSH, multifd zero pages",
         ),
     )

@@ -72,18 +72,24 @@ class InitPacket:
         """Decode and check magic and version (spec 2.3 checks 1 and 2)."""
         if len(data) != INIT_PACKET_SIZE:
             raise ProtocolError(
-                "truncated init packet", channel=channel, expected=INIT_PACKET_SIZE,
+                "truncated init packet",
+                channel=channel,
+                expected=INIT_PACKET_SIZE,
                 received=len(data),
             )
         magic, version, uuid, channel_id, _unused1, _unused2 = _INIT.unpack(data)
         if magic != MULTIFD_MAGIC:
             raise ProtocolError(
-                "init packet magic", channel=channel, expected=f"{MULTIFD_MAGIC:#010x}",
+                "init packet magic",
+                channel=channel,
+                expected=f"{MULTIFD_MAGIC:#010x}",
                 received=f"{magic:#010x}",
             )
         if version != MULTIFD_VERSION:
             raise ProtocolError(
-                "init packet version", channel=channel, expected=MULTIFD_VERSION,
+                "init packet version",
+                channel=channel,
+                expected=MULTIFD_VERSION,
                 received=version,
             )
         return cls(channel_id=channel_id, uuid=bytes(uuid))
@@ -132,8 +138,17 @@ class RamPacket:
         name = _encode_name(self.ramblock)
         offsets = self.offsets + (0,) * (PAGES_PER_PACKET - len(self.offsets))
         return _HEADER.pack(
-            MULTIFD_MAGIC, MULTIFD_VERSION, self.flags, self.pages_alloc, self.normal_pages,
-            self.next_packet_size, self.packet_num, self.zero_pages, 0, b"", name,
+            MULTIFD_MAGIC,
+            MULTIFD_VERSION,
+            self.flags,
+            self.pages_alloc,
+            self.normal_pages,
+            self.next_packet_size,
+            self.packet_num,
+            self.zero_pages,
+            0,
+            b"",
+            name,
         ) + _OFFSETS.pack(*offsets)
 
     @classmethod
@@ -141,14 +156,29 @@ class RamPacket:
         """Decode a header and check it as QEMU does (spec 3.4), before any block lookup."""
         if len(data) != PACKET_HEADER_SIZE:
             raise ProtocolError(
-                "truncated packet header", channel=channel, expected=PACKET_HEADER_SIZE,
+                "truncated packet header",
+                channel=channel,
+                expected=PACKET_HEADER_SIZE,
                 received=len(data),
             )
-        (magic, version, flags, pages_alloc, normal, next_size, packet_num, zero,
-         _unused32, _unused64, raw_name) = _HEADER.unpack_from(data)
+        (
+            magic,
+            version,
+            flags,
+            pages_alloc,
+            normal,
+            next_size,
+            packet_num,
+            zero,
+            _unused32,
+            _unused64,
+            raw_name,
+        ) = _HEADER.unpack_from(data)
         if magic != MULTIFD_MAGIC:
             raise ProtocolError(
-                "packet magic", channel=channel, expected=f"{MULTIFD_MAGIC:#010x}",
+                "packet magic",
+                channel=channel,
+                expected=f"{MULTIFD_MAGIC:#010x}",
                 received=f"{magic:#010x}",
             )
         if version != MULTIFD_VERSION:
@@ -157,22 +187,29 @@ class RamPacket:
             )
         if flags & MULTIFD_FLAG_DEVICE_STATE:
             raise ProtocolError(
-                "packet flags", channel=channel, expected="a RAM packet (no DEVICE_STATE bit)",
+                "packet flags",
+                channel=channel,
+                expected="a RAM packet (no DEVICE_STATE bit)",
                 received=f"{flags:#x}",
             )
         if pages_alloc > PAGES_PER_PACKET:
             raise ProtocolError(
-                "packet pages_alloc", channel=channel, expected=f"<= {PAGES_PER_PACKET}",
+                "packet pages_alloc",
+                channel=channel,
+                expected=f"<= {PAGES_PER_PACKET}",
                 received=pages_alloc,
             )
         if normal > pages_alloc:
             raise ProtocolError(
-                "packet normal_pages", channel=channel, expected=f"<= pages_alloc {pages_alloc}",
+                "packet normal_pages",
+                channel=channel,
+                expected=f"<= pages_alloc {pages_alloc}",
                 received=normal,
             )
         if zero > pages_alloc - normal:
             raise ProtocolError(
-                "packet zero_pages", channel=channel,
+                "packet zero_pages",
+                channel=channel,
                 expected=f"<= pages_alloc - normal_pages = {pages_alloc - normal}",
                 received=zero,
             )
@@ -180,21 +217,31 @@ class RamPacket:
         if count == 0:
             stale = bool(next_size or raw_name.strip(b"\0"))
             return cls(
-                flags=flags, packet_num=packet_num, pages_alloc=pages_alloc,
-                next_packet_size=next_size, stale=stale,
+                flags=flags,
+                packet_num=packet_num,
+                pages_alloc=pages_alloc,
+                next_packet_size=next_size,
+                stale=stale,
             )
         name = raw_name[: RAMBLOCK_NAME_SIZE - 1].split(b"\0", 1)[0]
         try:
             ramblock = name.decode()
         except UnicodeDecodeError:
             raise ProtocolError(
-                "packet ramblock", channel=channel, expected="a UTF-8 block name",
+                "packet ramblock",
+                channel=channel,
+                expected="a UTF-8 block name",
                 received=name[:64],
             ) from None
         offsets = _OFFSETS.unpack_from(data, PACKET_FIXED_SIZE)[:count]
         return cls(
-            flags=flags, packet_num=packet_num, normal_pages=normal, zero_pages=zero,
-            ramblock=ramblock, offsets=offsets, pages_alloc=pages_alloc,
+            flags=flags,
+            packet_num=packet_num,
+            normal_pages=normal,
+            zero_pages=zero,
+            ramblock=ramblock,
+            offsets=offsets,
+            pages_alloc=pages_alloc,
             next_packet_size=next_size,
         )
 
@@ -204,11 +251,15 @@ class RamPacket:
         for offset in self.offsets:
             if offset > limit:
                 raise ProtocolError(
-                    f"offset in block {self.ramblock!r}", channel=channel,
-                    expected=f"<= {limit:#x}", received=f"{offset:#x}",
+                    f"offset in block {self.ramblock!r}",
+                    channel=channel,
+                    expected=f"<= {limit:#x}",
+                    received=f"{offset:#x}",
                 )
             if offset % PAGE_SIZE:
                 raise ProtocolError(
-                    f"offset in block {self.ramblock!r}", channel=channel,
-                    expected=f"a multiple of {PAGE_SIZE}", received=f"{offset:#x}",
+                    f"offset in block {self.ramblock!r}",
+                    channel=channel,
+                    expected=f"a multiple of {PAGE_SIZE}",
+                    received=f"{offset:#x}",
                 )
