@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 REPO: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -108,47 +108,71 @@ def raw_copy(setup: Setup, row: Row) -> None:
 
 
 def raw_worker(image: Path, timeout: float) -> None:
-    """The body of the raw row, in its own process: prints ``{"seconds": ...}``."""
+    """The body of the raw row, in its own process: prints ``{"seconds": ...}``.
+
+    Like a migration, sender and receiver are separate processes (a fork), each with two
+    threads, so neither side's threads share a GIL with the other side's.
+    """
     size = image.stat().st_size
-    with (
-        image.open("rb") as file,
-        mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as src,
-        mmap.mmap(-1, size) as dest,
-    ):
+    with socket.create_server(("127.0.0.1", 0)) as server, mmap.mmap(-1, size) as dest:
+        server.settimeout(timeout)
         # Touch every page first, as QEMU's prealloc=on does, so the copy times sockets only.
         for offset in range(0, size, mmap.PAGESIZE):
             dest[offset] = 0
-        seconds = _two_socket_copy(memoryview(src), memoryview(dest), timeout)
-        step = 64 * MIB
-        if any(src[i : i + step] != dest[i : i + step] for i in range(0, size, step)):
-            raise RuntimeError("raw copy corrupted the data")
+        start = time.time()
+        child = os.fork()  # no thread exists yet, so forking is safe
+        if child == 0:
+            _raw_sender_process(image, server.getsockname()[1], timeout)
+        seconds = _raw_receive(server, memoryview(dest), timeout) - start
+        _, status = os.waitpid(child, 0)
+        if status != 0:
+            raise RuntimeError(f"raw sender failed (wait status {status})")
+        with image.open("rb") as file:
+            step = 64 * MIB
+            if any(file.read(step) != dest[i : i + step] for i in range(0, size, step)):
+                raise RuntimeError("raw copy corrupted the data")
     print(json.dumps({"seconds": seconds}))
 
 
-def _two_socket_copy(src: memoryview, dest: memoryview, timeout: float) -> float:
-    half = len(src) // 2 // mmap.PAGESIZE * mmap.PAGESIZE
-    spans = [slice(0, half), slice(half, len(src))]
+def _spans(size: int) -> list[slice]:
+    half = size // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+    return [slice(0, half), slice(half, size)]
+
+
+def _raw_receive(server: socket.socket, dest: memoryview, timeout: float) -> float:
+    """Accept both connections and fill ``dest``; returns the time the last byte landed."""
     errors: list[BaseException] = []
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
-        server.settimeout(timeout)
-        pairs = []
-        for _ in spans:  # pair each connection with its accepted end, in order
-            client = stack.enter_context(socket.create_connection(server.getsockname()[:2]))
-            pairs.append((client, stack.enter_context(server.accept()[0])))
         threads = []
-        for (client, conn), span in zip(pairs, spans, strict=True):
-            threads.append(threading.Thread(target=_guard(errors, client.sendall, src[span])))
-            threads.append(threading.Thread(target=_guard(errors, _pull, conn, dest[span])))
-        start = time.time()
-        for thread in threads:
-            thread.start()
+        for _ in range(2):
+            conn = stack.enter_context(server.accept()[0])
+            threads.append(threading.Thread(target=_guard(errors, _pull, conn, dest)))
+            threads[-1].start()
         for thread in threads:
             thread.join(timeout)
-        elapsed = time.time() - start
     if errors or any(t.is_alive() for t in threads):
         raise RuntimeError(f"raw copy failed: {errors or 'timeout'}")
-    return elapsed
+    return time.time()
+
+
+def _raw_sender_process(image: Path, port: int, timeout: float) -> NoReturn:
+    status = 1
+    try:
+        errors: list[BaseException] = []
+        with image.open("rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as src:
+            view = memoryview(src)
+            threads = [
+                threading.Thread(target=_guard(errors, _push, port, index, view[span], timeout))
+                for index, span in enumerate(_spans(len(src)))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout)
+            view.release()
+        status = 1 if errors or any(t.is_alive() for t in threads) else 0
+    finally:
+        os._exit(status)  # never run the parent's cleanup in the forked child
 
 
 def _guard(
@@ -163,7 +187,17 @@ def _guard(
     return run
 
 
-def _pull(conn: socket.socket, view: memoryview) -> None:
+def _push(port: int, index: int, data: memoryview, timeout: float) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(bytes([index]))  # which half this connection carries
+        sock.sendall(data)
+
+
+def _pull(conn: socket.socket, dest: memoryview) -> None:
+    index = conn.recv(1)
+    if len(index) != 1:
+        raise EOFError("raw sender closed before naming its half")
+    view = dest[_spans(len(dest))[index[0]]]
     done = 0
     while done < len(view):
         got = conn.recv_into(view[done:])

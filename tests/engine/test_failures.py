@@ -11,7 +11,7 @@ import pytest
 
 from multifd.engine.recv import Receiver
 from multifd.engine.send import Sender
-from multifd.errors import ChannelError, MigrationFailed, ProtocolError
+from multifd.errors import ChannelError, ConfigError, MigrationFailed, ProtocolError
 from multifd.ram import Ram, RamBlock
 from multifd.wire.constants import PAGE_SIZE
 from multifd.wire.packets import InitPacket, RamPacket
@@ -163,6 +163,19 @@ def test_abort_or_close_wakes_a_requester_blocked_on_a_stalled_peer(stop: str) -
     if stop == "abort":
         assert error.__cause__ is reason
     assert not engine_threads()
+
+
+def test_bad_sender_configuration_is_refused_before_anything_starts() -> None:
+    ((ours, theirs),) = make_pairs(1, "socketpair")
+    with ours, theirs:
+        with pytest.raises(ConfigError, match="uuid"):
+            Sender([ours], uuid=b"short")
+        with pytest.raises(ConfigError, match="compression"):
+            Sender([ours], compression="lz4")
+        with pytest.raises(ConfigError, match="level"):
+            Sender([ours], compression="zlib", level=99)
+    with pytest.raises(ConfigError):
+        Sender([])
 
 
 def test_close_is_idempotent_and_a_closed_sender_refuses_work() -> None:

@@ -51,6 +51,7 @@ def test_wake_without_a_request_does_nothing() -> None:
     ("state", "event"),
     [
         (SendState(pending_job=True), SendEvent.HAND_JOB),  # a batch is never overwritten
+        (SendState(pending_sync=True), SendEvent.HAND_JOB),  # it would overtake the SYNC
         (SendState(pending_sync=True), SendEvent.REQUEST_SYNC),  # one SYNC per marker
         (SendState(), SendEvent.PAGES_SENT),
         (SendState(pending_job=True, pending_sync=True), SendEvent.SYNC_SENT),  # job first

@@ -59,6 +59,13 @@ class GatedSemaphore(threading.Semaphore):
 
 
 def test_job_and_sync_posted_before_the_thread_wakes_give_two_clean_packets() -> None:
+    """Hand a batch over, request a sync, and only then let the channel thread wake.
+
+    A counter-based handshake fails this: the thread would find two units of pending work
+    and a SYNC flag set at its first wake-up, write the pages in a packet flagged SYNC,
+    post ``sem_sync`` (letting ``sync()`` return and the marker go out) and then write an
+    empty flag-0 packet after the marker. The flags here must give pages, SYNC, marker.
+    """
     src = RamBlock.anonymous("mem", 2 * PAGES_PER_PACKET * PAGE_SIZE)
     src.pages[:] = 0x5A
     dst = Ram([RamBlock.anonymous("mem", src.size)])

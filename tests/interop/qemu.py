@@ -154,7 +154,9 @@ class QemuVm:
         self.size: Final = size
         self.name: Final = name
         self.timeout: Final = timeout
-        self._options = (uuid, incoming, paused, prealloc, binary)
+        self.uuid: Final = uuid
+        self._flags = {"incoming": incoming, "paused": paused, "prealloc": prealloc}
+        self._binary = binary
         self._scratch = Path(tempfile.mkdtemp(prefix=f"qemu-{name}-", dir=scratch_parent))
         self.ram_path: Final = ram_file if ram_file is not None else self._scratch / "ram"
         self.log_path: Final = self._scratch / "qemu.log"
@@ -178,18 +180,18 @@ class QemuVm:
 
     def command_line(self, qmp_fd: int) -> list[str]:
         """The QEMU command line, with QMP on the already connected socket ``qmp_fd``."""
-        uuid, incoming, paused, prealloc, binary = self._options
+        flags = self._flags
         backend = (
             f"memory-backend-file,id={BLOCK_NAME},size={self.size},"
             f"mem-path={_qemu_escape(str(self.ram_path))},share=on"
         )
-        args = [binary, "-name", self.name, "-M", f"none,memory-backend={BLOCK_NAME}"]
-        args += ["-object", backend + (",prealloc=on" if prealloc else "")]
+        args = [self._binary, "-name", self.name, "-M", f"none,memory-backend={BLOCK_NAME}"]
+        args += ["-object", backend + (",prealloc=on" if flags["prealloc"] else "")]
         args += ["-nodefaults", "-display", "none"]
         args += ["-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control"]
-        args += ["-uuid", uuid] if uuid else []
-        args += ["-incoming", "defer"] if incoming else []
-        args += ["-S"] if paused else []
+        args += ["-uuid", self.uuid] if self.uuid else []
+        args += ["-incoming", "defer"] if flags["incoming"] else []
+        args += ["-S"] if flags["paused"] else []
         return args
 
     def start(self) -> None:

@@ -6,7 +6,7 @@ Send side, one table per channel. The requester (the migration thread) and the c
 thread share two request flags, never a counter (spec 6.4):
 
 * ``pending_job``: a batch of pages was handed over; set by ``HAND_JOB`` (allowed only while
-  the flag is clear, so a batch is never overwritten), cleared by ``PAGES_SENT``.
+  neither flag is set), cleared by ``PAGES_SENT``.
 * ``pending_sync``: a SYNC packet was requested; set by ``REQUEST_SYNC``, cleared by
   ``SYNC_SENT``.
 
@@ -74,35 +74,37 @@ class SendAction(enum.Enum):
     POST_SEM_SYNC = "post_sem_sync"  # thread: tell the requester the SYNC is written
 
 
-def _send_table() -> dict[tuple[SendState, SendEvent], tuple[SendState, SendAction]]:
-    table: dict[tuple[SendState, SendEvent], tuple[SendState, SendAction]] = {}
-    for job in (False, True):
-        for sync in (False, True):
-            state = SendState(job, sync)
-            if not job:
-                table[state, SendEvent.HAND_JOB] = (SendState(True, sync), SendAction.POST_SEM)
-            if not sync:
-                table[state, SendEvent.REQUEST_SYNC] = (SendState(job, True), SendAction.POST_SEM)
-            if job:
-                table[state, SendEvent.WAKE] = (state, SendAction.SEND_PAGES)
-                table[state, SendEvent.PAGES_SENT] = (
-                    SendState(False, sync),
-                    SendAction.POST_CHANNELS_READY,
-                )
-            elif sync:
-                table[state, SendEvent.WAKE] = (state, SendAction.SEND_SYNC)
-                table[state, SendEvent.SYNC_SENT] = (SendState(), SendAction.POST_SEM_SYNC)
-            else:
-                table[state, SendEvent.WAKE] = (state, SendAction.NONE)
-    return table
-
+_IDLE: Final = SendState(pending_job=False, pending_sync=False)
+_JOB: Final = SendState(pending_job=True, pending_sync=False)
+_SYNC: Final = SendState(pending_job=False, pending_sync=True)
+_BOTH: Final = SendState(pending_job=True, pending_sync=True)
+_S = SendEvent
+_SA = SendAction
 
 SEND_TABLE: Final[Mapping[tuple[SendState, SendEvent], tuple[SendState, SendAction]]] = (
-    MappingProxyType(_send_table())
+    MappingProxyType(
+        {
+            # The requester. A job is handed only to a channel with no job and no sync
+            # pending: a batch is never overwritten, and a job handed after a sync request
+            # would be written before that SYNC, i.e. in the wrong epoch.
+            (_IDLE, _S.HAND_JOB): (_JOB, _SA.POST_SEM),
+            (_IDLE, _S.REQUEST_SYNC): (_SYNC, _SA.POST_SEM),
+            (_JOB, _S.REQUEST_SYNC): (_BOTH, _SA.POST_SEM),
+            # The channel thread: a wake-up serves the job first, else the sync; the flag
+            # stays set while the bytes are written and is cleared once they are out.
+            (_JOB, _S.WAKE): (_JOB, _SA.SEND_PAGES),
+            (_BOTH, _S.WAKE): (_BOTH, _SA.SEND_PAGES),
+            (_SYNC, _S.WAKE): (_SYNC, _SA.SEND_SYNC),
+            (_IDLE, _S.WAKE): (_IDLE, _SA.NONE),
+            (_JOB, _S.PAGES_SENT): (_IDLE, _SA.POST_CHANNELS_READY),
+            (_BOTH, _S.PAGES_SENT): (_SYNC, _SA.POST_CHANNELS_READY),
+            (_SYNC, _S.SYNC_SENT): (_IDLE, _SA.POST_SEM_SYNC),
+        }
+    )
 )
-"""Send channel: ``(state, event) -> (next state, action)``; 4 states x 5 events."""
+"""Send channel: ``(state, event) -> (next state, action)``."""
 
-SEND_INITIAL: Final = SendState()
+SEND_INITIAL: Final = _IDLE
 
 
 # --- receive side --------------------------------------------------------------------------

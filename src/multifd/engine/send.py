@@ -218,7 +218,10 @@ class Sender:
     ) -> None:
         if not channels:
             raise ConfigError("a Sender needs at least one channel")
-        InitPacket(len(channels) - 1, uuid).validate(channel="local")
+        try:
+            InitPacket(len(channels) - 1, uuid).validate(channel="local")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
         # Immutable after construction.
         self.uuid = uuid
         self.compression = compression
