@@ -199,14 +199,19 @@ class QemuVm:
         if self._proc is not None:
             raise QemuError(f"{self.name}: already started")
         ours, theirs = socket.socketpair()
-        with theirs, self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                self.command_line(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        try:
+            with theirs, self.log_path.open("wb") as log:
+                self._proc = subprocess.Popen(
+                    self.command_line(theirs.fileno()),
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+        except OSError as exc:
+            ours.close()
+            self.close()
+            raise QemuError(f"{self.name}: cannot run {self._binary}: {exc}") from exc
         self._loop = asyncio.new_event_loop()
         self._qmp = QMPClient(self.name)
         self._qmp.register_listener(self._events)
@@ -229,18 +234,20 @@ class QemuVm:
 
     def close(self) -> None:
         """Kill QEMU, close QMP and the loop, remove the scratch directory (idempotent)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(self.timeout)
-        if self._qmp is not None and self._loop is not None:
-            # EOF or a reset from a QEMU that is gone is the expected end here.
-            with contextlib.suppress(QMPError, OSError, EOFError, QemuError):
-                self._call(self._qmp.disconnect(), "disconnect")
-        if self._loop is not None:
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-            self._loop.close()
-        self._qmp = self._loop = None
-        shutil.rmtree(self._scratch, ignore_errors=True)
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait(self.timeout)
+            if self._qmp is not None and self._loop is not None:
+                # EOF or a reset from a QEMU that is gone is the expected end here.
+                with contextlib.suppress(QMPError, OSError, EOFError, QemuError):
+                    self._call(self._qmp.disconnect(), "disconnect")
+        finally:
+            if self._loop is not None:
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+                self._loop.close()
+            self._qmp = self._loop = None
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     @property
     def returncode(self) -> int | None:

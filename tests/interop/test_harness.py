@@ -68,6 +68,13 @@ def test_quit_ends_qemu_cleanly(make_vm: Callable[..., QemuVm]) -> None:
         vm.query_migrate()
 
 
+def test_missing_binary_is_a_qemu_error(tmp_path: Path) -> None:
+    vm = QemuVm(SIZE, binary=str(tmp_path / "no-such-qemu"), scratch_parent=tmp_path)
+    with pytest.raises(QemuError, match="cannot run"):
+        vm.start()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_free_port_is_bindable() -> None:
     port = free_port()
     with socket.create_server(("127.0.0.1", port)) as server:
