@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import numpy as np
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 PAGE_SIZE: Final = 4096
 BLOCK_NAME: Final = "mem"  # a memory-backend's id is its RAMBlock name (spec 7.4)
@@ -40,6 +40,8 @@ QEMU_BINARY: Final = "qemu-system-x86_64"
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 # How long one wait for an event lasts before the harness checks that QEMU is alive.
 _EVENT_SLICE: Final = 0.25
+# How long a QEMU that dropped QMP gets to finish exiting before an error reports it.
+_EXIT_GRACE: Final = 2.0
 # Images are generated, written and compared in slices this large, so a 2 GiB image needs
 # no 2 GiB temporary (and the benchmark's own peak RSS stays low, see ram_mismatch).
 _IMAGE_CHUNK: Final = 16 << 20
@@ -376,7 +378,12 @@ class QemuVm:
             return self._loop.run_until_complete(asyncio.wait_for(coro, bound))
         except TimeoutError as exc:
             raise self._failure(f"{what}: no answer within {bound:.2f}s") from exc
+        except ExecuteError as exc:
+            raise self._failure(f"{what}: {exc}") from exc
         except (QMPError, OSError, EOFError) as exc:
+            # A lost connection usually means QEMU is exiting: let the message say how.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._require_proc().wait(_EXIT_GRACE)
             raise self._failure(f"{what}: {exc}") from exc
 
     def _failure(self, message: str) -> QemuError:
