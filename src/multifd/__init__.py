@@ -1,5 +1,7 @@
 """multifd: live memory migration for Python, wire-compatible with QEMU's multifd."""
 
+import logging
+
 from multifd.api import Received, receive, send
 from multifd.errors import (
     ChannelError,
@@ -11,6 +13,9 @@ from multifd.errors import (
 )
 from multifd.migration.stats import ChannelStats, MigrationStats, Status
 from multifd.ram import Ram, RamBlock
+
+# A library stays quiet unless its user configures logging.
+logging.getLogger("multifd").addHandler(logging.NullHandler())
 
 __all__ = [
     "ChannelError",

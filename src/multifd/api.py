@@ -139,6 +139,7 @@ def receive(
     io_timeout: float = 30.0,
     setup_timeout: float = 60.0,
     limits: Limits | None = None,
+    prealloc: Mapping[str, int] | None = None,
     on_listening: Callable[[str], None] | None = None,
     trace: TraceHook | None = None,
 ) -> Received:
@@ -155,6 +156,8 @@ def receive(
         limits: what a hostile source may announce.
         on_listening: called with the real address once connections are accepted.
         trace: sees every packet and marker received.
+        prealloc: block names and sizes to allocate and pre-fault before listening, as a
+            QEMU destination is started with its RAM; the source must announce exactly these.
 
     Returns:
         The statistics and the blocks; the caller closes ``ram`` when done.
@@ -169,12 +172,15 @@ def receive(
         limits=limits,
         trace=trace,
     )
-    with transport.listen(transport.parse_address(address)) as listener:
-        if on_listening is not None:
-            on_listening(str(listener.address))
-        try:
+    listen_at = transport.parse_address(address)
+    try:
+        if prealloc:
+            destination.preallocate(prealloc)
+        with transport.listen(listen_at) as listener:
+            if on_listening is not None:
+                on_listening(str(listener.address))
             stats = destination.run(listener)
-        except BaseException:
-            destination.ram.close()
-            raise
+    except BaseException:
+        destination.ram.close()
+        raise
     return Received(stats=stats, ram=destination.ram)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -106,8 +107,11 @@ def _common(func: Callable[..., None]) -> Callable[..., None]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="multifd")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Log each channel's progress on stderr.")
+def main(verbose: bool) -> None:
     """Live memory migration, wire-compatible with QEMU multifd."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
 
 @main.command()
@@ -118,10 +122,18 @@ def main() -> None:
     default=None,
     help="Folder where each received block is written as a file.",
 )
+@click.option(
+    "--prealloc",
+    multiple=True,
+    metavar="NAME=SIZE",
+    help="Allocate and pre-fault this block before listening (as QEMU's prealloc=on); "
+    "the source must then announce exactly these blocks.",
+)
 @_common
 def receive(
     address: str,
     output: Path | None,
+    prealloc: tuple[str, ...],
     channels: int,
     uuid: str | None,
     compression: str,
@@ -142,6 +154,7 @@ def receive(
             compression=compression,
             io_timeout=io_timeout,
             on_listening=listening,
+            prealloc=dict(_split_prealloc(spec) for spec in prealloc),
         )
     except MultifdError as exc:
         _fail(exc)
@@ -203,6 +216,13 @@ def send(
     _print_stats(stats, as_json)
 
 
+def _split_prealloc(spec: str) -> tuple[str, int]:
+    name, sep, size = spec.partition("=")
+    if not sep or not name or not size:
+        raise click.BadParameter(f"expected NAME=SIZE, got {spec!r}", param_hint="--prealloc")
+    return name, _parse_size(size, "--prealloc")
+
+
 def _split_block(spec: str) -> tuple[str, str]:
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
@@ -227,7 +247,7 @@ def demo(size: str, zero_fraction: float, channels: int) -> None:
     sys.exit(0 if ok else 1)
 
 
-def _parse_size(text: str) -> int:
+def _parse_size(text: str, option: str = "--size") -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     text = text.strip().upper().removesuffix("IB").removesuffix("B")
     scale = units.get(text[-1:], 1)
@@ -235,4 +255,4 @@ def _parse_size(text: str) -> int:
     try:
         return int(float(number) * scale)
     except ValueError:
-        raise click.BadParameter(f"not a size: {text!r}", param_hint="--size") from None
+        raise click.BadParameter(f"not a size: {text!r}", param_hint=option) from None

@@ -32,6 +32,21 @@ _MADV_POPULATE_WRITE: Final = getattr(
 )
 
 
+def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+    """True for each row of ``words`` (one page of 64-bit words) that is all zero.
+
+    Most non-zero pages have a non-zero first word, so only pages whose first word is zero
+    are scanned in full: on random data this reads one cache line per page instead of 64,
+    the shortcut QEMU's ``buffer_is_zero()`` takes by stopping at the first non-zero byte.
+    """
+    zero: npt.NDArray[np.bool_] = words[:, 0] == 0
+    candidates = np.flatnonzero(zero)
+    if candidates.size:
+        # OR-reducing the words is 1.5x faster than .any() (29 vs 19 GB/s measured).
+        zero[candidates] = np.bitwise_or.reduce(words[candidates], axis=1) == 0
+    return zero
+
+
 class RamBlock:
     """One named RAM region (QEMU's RAMBlock) over a writable buffer.
 
@@ -90,6 +105,9 @@ class RamBlock:
             try:
                 with path.open("wb") as f:
                     f.truncate(size)
+                    # Reserve the space now: a full file system must fail here, not as a
+                    # SIGBUS on some page write in the middle of a migration.
+                    os.posix_fallocate(f.fileno(), 0, size)
             except OSError as exc:
                 raise ConfigError(f"block {name!r}: cannot create {path}: {exc.strerror}") from exc
         try:
@@ -134,10 +152,12 @@ class RamBlock:
                 f"block {self.name!r}: pages [{first}, {stop}) are not inside its "
                 f"{self.page_count} pages"
             )
-        words = np.frombuffer(self._buffer, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-        # OR-reducing the words is 1.5x faster than .any() (29 vs 19 GB/s measured).
-        zero: npt.NDArray[np.bool_] = np.bitwise_or.reduce(words[first:stop], axis=1) == 0
-        return zero
+        return zero_pages(self.words[first:stop])
+
+    @property
+    def words(self) -> npt.NDArray[np.uint64]:
+        """The block as a (pages, 512) array of 64-bit words, for page scans."""
+        return np.frombuffer(self._buffer, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
 
     def prefault(self) -> None:
         """Touch every page once for writing, so pages arrive into memory that is mapped.

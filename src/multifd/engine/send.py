@@ -27,13 +27,12 @@ from multifd.engine.shutdown import Shutdown
 from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import ConfigError, MultifdError, multifd_channel
-from multifd.ram import RamBlock
+from multifd.ram import RamBlock, zero_pages
 from multifd.wire.constants import MAX_COMPRESSED_PAYLOAD, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PACKET
 from multifd.wire.packets import NIL_UUID, InitPacket, RamPacket
 
 # Requester waits wake up this often to notice a failure even if no post reaches them.
 _POLL: Final = 0.25
-_WORDS_PER_PAGE: Final = PAGE_SIZE // 8
 
 
 class _Batch:
@@ -53,12 +52,12 @@ class _Batch:
 
 def _partition_zero_pages(block: RamBlock, offsets: Offsets) -> tuple[Offsets, Offsets]:
     """Split ``offsets`` into (non-zero pages, zero pages), each in the given order (spec 5.2)."""
+    first = int(offsets[0]) >> PAGE_SHIFT
     if len(offsets) == 1 or bool((np.diff(offsets) == PAGE_SIZE).all()):
-        # One run of pages: scan the block slice in place, no gather copy.
-        zero = block.zero_page_mask(int(offsets[0]) >> PAGE_SHIFT, len(offsets))
+        # One ascending run of pages (the common case): a slice, no gather copy.
+        zero = zero_pages(block.words[first : first + len(offsets)])
     else:
-        words = np.frombuffer(block.view, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
-        zero = ~words[offsets >> PAGE_SHIFT].any(axis=1)
+        zero = zero_pages(block.words[offsets >> PAGE_SHIFT])
     if not zero.any():
         return offsets, offsets[:0]
     return offsets[~zero], offsets[zero]

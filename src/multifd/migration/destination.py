@@ -19,7 +19,7 @@ import logging
 import selectors
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Final, NoReturn, cast
 from urllib.parse import quote
@@ -30,6 +30,7 @@ from multifd.engine.trace import TraceHook, emit
 from multifd.errors import (
     MAIN,
     ChannelError,
+    ConfigError,
     MigrationFailed,
     MultifdError,
     ProtocolError,
@@ -155,6 +156,8 @@ class Destination:
         self.limits = limits or Limits()
         self.trace = trace
         self.ram = Ram()
+        self._preallocated: tuple[tuple[str, int], ...] | None = None
+        self._blocks_announced = False
         self.status = Status.NONE
         self.machine: str | None = None
         self.sync_mode: SyncMode | None = None
@@ -361,6 +364,13 @@ class Destination:
         self._zero_records += 1
 
     def _create_blocks(self, total: int, blocks: tuple[tuple[str, int], ...]) -> None:
+        if self._preallocated is not None and not self._blocks_announced:
+            self._blocks_announced = True
+            if blocks != self._preallocated:
+                raise ProtocolError(
+                    "ram blocks", channel=MAIN, expected=self._preallocated, received=blocks
+                )
+            return
         if len(self.ram):
             raise ProtocolError(
                 "ram setup", channel=MAIN, expected="one MEM_SIZE record", received="a second one"
@@ -391,6 +401,21 @@ class Destination:
             block.prefault()
             self.ram.add(block)
         log.info("blocks: %s", ", ".join(f"{n} ({s} bytes)" for n, s in blocks))
+
+    def preallocate(self, blocks: Mapping[str, int]) -> None:
+        """Allocate and pre-fault the blocks the source must announce, before it connects.
+
+        QEMU's destination is started with its RAM (``prealloc=on`` pre-faults it); this is
+        the same: first-touch costs are paid before the migration, and the source's block
+        list must then match exactly.
+        """
+        for name, size in blocks.items():
+            if size <= 0 or size % PAGE_SIZE:
+                raise ConfigError(f"block {name!r}: size {size} is not a multiple of {PAGE_SIZE}")
+            block = self._new_block(name, size)
+            block.prefault()
+            self.ram.add(block)
+        self._preallocated = tuple(blocks.items())
 
     def _new_block(self, name: str, size: int) -> RamBlock:
         if self.output is None:
