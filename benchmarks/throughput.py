@@ -5,11 +5,17 @@ Run from the repository root with the project's interpreter::
     .venv/bin/python benchmarks/throughput.py [--size 2G] [--quick]
 
 Every row moves the same bytes (random pages, so nothing is skipped as a zero page) and
-is timed by the same outside wall clock: from the moment the source is told to start (the
-``multifd send`` process is spawned, or QMP ``migrate`` is issued) to the moment the
-destination has everything (``multifd receive`` exited, or the QEMU destination announced
-``completed`` in a MIGRATION event, whose timestamp is host wall-clock time). Python
-sender rows therefore include the interpreter's start-up, reported separately.
+is timed by the same outside wall clock, from the moment the source is told to start to
+the moment the destination has everything:
+
+- a QEMU source starts at QMP ``migrate``; a Python source is a worker process, already
+  started with its image mapped, told to call ``multifd.send()`` (neither pays its
+  process start-up inside the row);
+- a QEMU destination is done at its ``completed`` MIGRATION event (host wall-clock time);
+  ``multifd receive`` is done when it prints its ``completed`` line.
+
+Destinations have their RAM allocated before the clock starts: QEMU with ``prealloc=on``,
+``multifd receive`` with ``--prealloc`` (the same first-touch cost, paid in advance).
 
 Rows that cannot run (e.g. the CLI is broken) are reported as ``error: ...``; the script
 still prints and saves the table: results/throughput-<date>.md and .json.
@@ -44,7 +50,6 @@ from tests.interop.cli import (  # noqa: E402 - needs the repository root on sys
     as_uri,
     multifd_command,
     receive_args,
-    send_args,
 )
 from tests.interop.qemu import (  # noqa: E402
     BLOCK_NAME,
@@ -53,6 +58,8 @@ from tests.interop.qemu import (  # noqa: E402
     ram_mismatch,
     write_ram_image,
 )
+
+import multifd  # noqa: E402 - after the path set-up, like the test helpers below
 
 RESULTS: Final = Path(__file__).resolve().parent / "results"
 MIB: Final = 1 << 20
@@ -231,17 +238,14 @@ def qemu_to_qemu(setup: Setup, row: Row) -> None:
 
 
 def python_to_python(channels: int) -> Callable[[Setup, Row], None]:
-    """`multifd send` into `multifd receive` with ``channels`` channels."""
+    """`multifd.send()` into `multifd receive` with ``channels`` channels."""
 
     def run(setup: Setup, row: Row) -> None:
         with _receiver(setup, channels) as (receiver, uri, output):
-            start = time.time()
-            with _sender(setup, uri, channels, "native") as sender:
-                result = receiver.wait(setup.timeout)
-                _require_ok("receive", result.returncode, result.stderr)
-                sent = sender.wait(setup.timeout)
-                _require_ok("send", sent.returncode, sent.stderr)
-            row.seconds = result.end_time - start
+            start = _send(setup, uri, channels, "native")
+            result = receiver.wait(setup.timeout)
+            _require_ok("receive", result.returncode, result.stderr)
+            row.seconds = _completed_at(receiver, result.end_time) - start
             row.receiver_rss = result.max_rss
             _check_same(setup.image, output / BLOCK_NAME)
 
@@ -256,19 +260,16 @@ def qemu_to_python(setup: Setup, row: Row) -> None:
         source.migrate(uri)
         result = receiver.wait(setup.timeout)
         _require_ok("receive", result.returncode, result.stderr)
-        row.seconds = result.end_time - start
+        row.seconds = _completed_at(receiver, result.end_time) - start
         row.receiver_rss = result.max_rss
         _check_same(setup.image, output / BLOCK_NAME)
 
 
 def python_to_qemu(setup: Setup, row: Row) -> None:
-    """`multifd send --peer qemu-7.2` into a pre-allocated QEMU destination, 2 channels."""
+    """`multifd.send(peer="qemu-7.2")` into a pre-allocated QEMU destination, 2 channels."""
     with _destination_vm(setup, channels=2) as destination:
         uri = destination.listen()
-        start = time.time()
-        with _sender(setup, uri, 2, "qemu-7.2") as sender:
-            sent = sender.wait(setup.timeout)
-            _require_ok("send", sent.returncode, sent.stderr)
+        start = _send(setup, uri, 2, "qemu-7.2")
         done = destination.wait_for_status("completed", setup.timeout)
         row.seconds = (done.event_time or time.time()) - start
         _check_same(setup.image, destination.ram_path)
@@ -296,7 +297,13 @@ def _destination_vm(setup: Setup, *, channels: int) -> Iterator[QemuVm]:
 def _receiver(setup: Setup, channels: int) -> Iterator[tuple[MultifdProcess, str, Path]]:
     output = Path(tempfile.mkdtemp(prefix="received-", dir=setup.scratch))
     try:
-        args = receive_args("tcp:127.0.0.1:0", channels=channels, output=output)
+        args = receive_args(
+            "tcp:127.0.0.1:0",
+            channels=channels,
+            output=output,
+            json_out=False,
+            prealloc={BLOCK_NAME: setup.size},
+        )
         with MultifdProcess(args, timeout=setup.timeout) as receiver:
             yield receiver, as_uri(receiver.listening_address(setup.timeout)), output
     finally:
@@ -305,9 +312,44 @@ def _receiver(setup: Setup, channels: int) -> Iterator[tuple[MultifdProcess, str
         output.rmdir()
 
 
-def _sender(setup: Setup, uri: str, channels: int, peer: str) -> MultifdProcess:
-    args = send_args(uri, {BLOCK_NAME: setup.image}, channels=channels, peer=peer)
-    return MultifdProcess(args, timeout=setup.timeout)
+def _send(setup: Setup, uri: str, channels: int, peer: str) -> float:
+    """Run ``multifd.send()`` in a started, idle worker process; returns the start time.
+
+    The worker imports the package and maps the image before the clock starts, as a QEMU
+    source exists before ``migrate``; it runs apart from this process so that neither its
+    memory nor its threads mix with the benchmark's.
+    """
+    worker = subprocess.Popen(
+        [sys.executable, __file__, "--send-worker", str(setup.image), "--channels",
+         str(channels), "--peer", peer],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert worker.stdout is not None
+        if worker.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"send worker did not start: {worker.communicate()[1][-300:]}")
+        start = time.time()
+        _, errors = worker.communicate(uri + "\n", timeout=setup.timeout)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    if worker.returncode != 0:
+        raise RuntimeError(f"multifd.send() failed: {errors.strip()[-300:]}")
+    return start
+
+
+def send_worker(image: Path, channels: int, peer: str) -> None:
+    """``--send-worker``: map the image, say ready, send to the URI read from stdin."""
+    ram = multifd.Ram([multifd.RamBlock.from_file(BLOCK_NAME, image)])
+    print("ready", flush=True)
+    uri = sys.stdin.readline().strip()
+    multifd.send(uri, ram, channels=channels, peer=peer)
+
+
+def _completed_at(receiver: MultifdProcess, exited: float) -> float:
+    """When ``multifd receive`` printed its ``completed`` line (its exit if it did not)."""
+    return receiver.line_time("completed") or exited
 
 
 def _require_ok(what: str, returncode: int, stderr: str) -> None:
@@ -483,8 +525,9 @@ def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict
         f"# Throughput, {size / MIB:.0f} MiB of random RAM over loopback ({today})",
         "",
         *(f"- {key}: {value}" for key, value in info.items()),
-        f"- `python -m multifd --help` start-up: {start_note} (in rows where Python sends)",
+        f"- `python -m multifd --help` start-up: {start_note} (not inside any row)",
         "- MB/s = 10^6 bytes/s, wall clock from source start to destination completion",
+        PREALLOC_NOTE,
         "- seconds = median of the runs (min-max)",
         "",
         body,
@@ -494,6 +537,12 @@ def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict
     ])  # fmt: skip
     data = {"when": today, "size": size, "machine": info, "cli_startup_s": startup}
     return markdown, data | {"rows": records}
+
+
+PREALLOC_NOTE: Final = (
+    "- destinations pre-allocate their RAM before the clock starts (QEMU prealloc=on, "
+    "`multifd receive --prealloc`)"
+)
 
 
 # -- main -----------------------------------------------------------------------------------
@@ -514,8 +563,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="runs per row (default 3)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--send-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--channels", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--peer", default="native", help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=120.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.send_worker is not None:
+        send_worker(args.send_worker, args.channels, args.peer)
+        return 0
     if args.raw_worker is not None:
         raw_worker(args.raw_worker, args.timeout)
         return 0

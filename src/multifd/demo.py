@@ -87,6 +87,8 @@ def run_demo(*, size: int, zero_fraction: float, channels: int, console: Console
                 str(channels),
                 "--output",
                 str(out),
+                "--prealloc",  # the destination's RAM exists before the migration starts
+                f"{BLOCK_NAME}={size}",
                 "--json",
             ],
             stdout=subprocess.PIPE,

@@ -62,11 +62,19 @@ def multifd_command(*args: str) -> list[str]:
 
 
 def receive_args(
-    address: str, *, channels: int, output: Path, uuid: str | None = None, json_out: bool = True
+    address: str,
+    *,
+    channels: int,
+    output: Path,
+    uuid: str | None = None,
+    json_out: bool = True,
+    prealloc: dict[str, int] | None = None,
 ) -> list[str]:
     """Arguments of ``multifd receive``."""
     args = ["receive", address, "--channels", str(channels), "--output", str(output)]
     args += ["--uuid", uuid] if uuid else []
+    for name, size in (prealloc or {}).items():
+        args += ["--prealloc", f"{name}={size}"]
     return args + (["--json"] if json_out else [])
 
 
@@ -117,6 +125,7 @@ class MultifdProcess:
             stderr=subprocess.PIPE,
         )
         self._lines: list[str] = []
+        self._line_times: list[float] = []  # time.time() when each stderr line arrived
         self._first_line = threading.Event()  # signals: _lines[0] exists, or stderr hit EOF
         self._drain = threading.Thread(target=self._read_stderr, name="multifd-stderr")
         self._drain.start()
@@ -154,6 +163,14 @@ class MultifdProcess:
             raise CliError(f"first stderr line is {line!r}, expected {LISTENING_PREFIX!r}...")
         return line.removeprefix(LISTENING_PREFIX).strip()
 
+    def line_time(self, prefix: str) -> float | None:
+        """When the first stderr line starting with ``prefix`` arrived (after :meth:`wait`)."""
+        assert self.result is not None, "line_time() needs the process to have ended"
+        for when, line in zip(self._line_times, self._lines, strict=True):
+            if line.startswith(prefix):
+                return when
+        return None
+
     def wait(self, timeout: float | None = None) -> CliResult:
         """Wait for exit (kill on timeout) and return how it ended."""
         if self.result is not None:
@@ -182,6 +199,7 @@ class MultifdProcess:
         assert self._proc.stderr is not None
         with self._proc.stderr as stream:
             for raw in stream:
+                self._line_times.append(time.time())
                 self._lines.append(raw.decode(errors="replace"))
                 self._first_line.set()
         self._first_line.set()
