@@ -8,6 +8,8 @@ migration, looked up by name as QEMU looks up a RAMBlock by its idstr.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import os
 import sys
@@ -47,6 +49,17 @@ def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     return zero
 
 
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
+
+
+_libc = _load_libc()  # ctypes calls release the GIL, unlike mmap.madvise()
+_MADV_POPULATE_READ: Final = 22  # linux/mman.h, Linux 5.14+
+
+
 class RamBlock:
     """One named RAM region (QEMU's RAMBlock) over a writable buffer.
 
@@ -67,6 +80,7 @@ class RamBlock:
         self._closed = False
         self.view: Final = memoryview(buffer)
         self.pages: Final = np.frombuffer(buffer, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+        self.words: Final = np.frombuffer(buffer, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -154,10 +168,21 @@ class RamBlock:
             )
         return zero_pages(self.words[first:stop])
 
-    @property
-    def words(self) -> npt.NDArray[np.uint64]:
-        """The block as a (pages, 512) array of 64-bit words, for page scans."""
-        return np.frombuffer(self._buffer, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+    def populate(self, first: int, count: int) -> None:
+        """Map pages ``[first, first + count)`` for reading ahead of use, without the GIL.
+
+        A source reads each page once; letting the kernel fault a whole range in one call,
+        outside the interpreter lock, keeps those faults off the threads that send.
+        Best effort: a kernel without ``MADV_POPULATE_READ`` just faults pages on use.
+        """
+        if not isinstance(self._buffer, mmap.mmap) or _libc is None:
+            return
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._buffer))
+        _libc.madvise(
+            ctypes.c_void_p(base + first * PAGE_SIZE),
+            ctypes.c_size_t(count * PAGE_SIZE),
+            _MADV_POPULATE_READ,
+        )
 
     def prefault(self) -> None:
         """Touch every page once for writing, so pages arrive into memory that is mapped.
@@ -192,7 +217,7 @@ class RamBlock:
         if self._closed:
             return
         self._closed = True
-        del self.pages
+        del self.pages, self.words
         try:
             self.view.release()
             if isinstance(self._buffer, mmap.mmap):

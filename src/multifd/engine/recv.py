@@ -28,7 +28,7 @@ from multifd.engine.handshake import (
     step,
 )
 from multifd.engine.pageio import Offsets, channel_io, page_runs, recv_exact
-from multifd.engine.shutdown import Shutdown
+from multifd.engine.shutdown import Shutdown, Stoppable
 from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import (
@@ -222,7 +222,7 @@ class _RecvChannel:
         )
 
 
-class Receiver:
+class Receiver(Stoppable):
     """The multifd channels of a migration destination (QEMU ``multifd_recv_state``).
 
     The receiver takes ownership of every socket given to :meth:`accept_channel`. One
@@ -416,32 +416,6 @@ class Receiver:
         self.shutdown.close()
 
     # -- shutdown and observation ----------------------------------------------------------
-    def check(self) -> None:
-        """Raise the receiver's failure, if any, without waiting.
-
-        Raises:
-            MigrationFailed: chained to the first error, naming its channel.
-        """
-        self.shutdown.raise_if_failed()
-
-    def close(self) -> None:
-        """Stop every thread, close every socket; idempotent."""
-        self.shutdown.close()
-
-    def abort(self, exc: BaseException) -> None:
-        """Fail the receiver with ``exc`` (first error wins) and stop everything."""
-        self.shutdown.fail(exc, None)
-        self.shutdown.close()
-
-    @property
-    def failed(self) -> bool:
-        return self.shutdown.error is not None
-
-    @property
-    def error(self) -> BaseException | None:
-        """The first error that failed the receiver, or None."""
-        return self.shutdown.error
-
     def stats(self) -> tuple[ChannelCounters, ...]:
         """A snapshot of every channel's counters, in channel-id order."""
         with self.cond:

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from multifd.compression import Compressor, compressor, flag_of
 from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, step
 from multifd.engine.pageio import Offsets, channel_io, page_runs, send_buffers
-from multifd.engine.shutdown import Shutdown
+from multifd.engine.shutdown import Shutdown, Stoppable
 from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import ConfigError, MultifdError, multifd_channel
@@ -183,7 +183,7 @@ class _SendChannel:
         emit(self.owner.trace, "send", self.name, packet=packet)
 
 
-class Sender:
+class Sender(Stoppable):
     """The multifd channels of a migration source (QEMU ``multifd_send_state``).
 
     The sender takes ownership of the sockets: it shuts them down and closes them in
@@ -299,32 +299,6 @@ class Sender:
             channel.request(SendEvent.REQUEST_SYNC)
         for channel in self._channels:
             self._wait(channel.sem_sync, channel)  # paired with POST_SEM_SYNC
-
-    def check(self) -> None:
-        """Raise the sender's failure, if any, without waiting.
-
-        Raises:
-            MigrationFailed: chained to the first error, naming its channel.
-        """
-        self.shutdown.raise_if_failed()
-
-    def close(self) -> None:
-        """Stop every thread, close every socket; idempotent. Pending pages are dropped."""
-        self.shutdown.close()
-
-    def abort(self, exc: BaseException) -> None:
-        """Fail the sender with ``exc`` (first error wins) and stop everything."""
-        self.shutdown.fail(exc, None)
-        self.shutdown.close()
-
-    @property
-    def failed(self) -> bool:
-        return self.shutdown.error is not None
-
-    @property
-    def error(self) -> BaseException | None:
-        """The first error that failed the sender, or None."""
-        return self.shutdown.error
 
     def stats(self) -> tuple[ChannelCounters, ...]:
         """A snapshot of every channel's counters, in channel order."""

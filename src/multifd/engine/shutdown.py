@@ -142,3 +142,39 @@ class Shutdown:
         for sock in sockets:
             with contextlib.suppress(OSError):  # already closed: nothing left to wake
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+class Stoppable:
+    """The failure and teardown surface :class:`Sender` and :class:`Receiver` share.
+
+    Subclasses set ``self.shutdown`` in their constructor; every method here may be
+    called from any thread.
+    """
+
+    shutdown: Shutdown
+
+    def check(self) -> None:
+        """Raise the first failure, if any, without waiting.
+
+        Raises:
+            MigrationFailed: chained to the first error, naming its channel.
+        """
+        self.shutdown.raise_if_failed()
+
+    def close(self) -> None:
+        """Stop every thread and close every socket; idempotent."""
+        self.shutdown.close()
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail with ``exc`` (first error wins) and stop everything."""
+        self.shutdown.fail(exc, None)
+        self.shutdown.close()
+
+    @property
+    def failed(self) -> bool:
+        return self.shutdown.error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first error, or None."""
+        return self.shutdown.error

@@ -453,39 +453,15 @@ class Destination:
     # -- statistics -------------------------------------------------------------------------
     def stats(self) -> MigrationStats:
         elapsed = (time.monotonic() - self._start) * 1e3 if self._start else 0.0
-        channels = [
-            ChannelStats(
-                MAIN,
-                packets=0,
-                pages=self._main_pages,
-                zero_pages=self._zero_records,
-                bytes=self._main_bytes,
-            )
-        ]
-        multifd_bytes = normal = duplicate = 0
-        if self._receiver is not None:
-            for ch in self._receiver.stats():
-                channels.append(
-                    ChannelStats(
-                        ch.channel,
-                        packets=ch.packets,
-                        pages=ch.pages,
-                        zero_pages=ch.zero_pages,
-                        bytes=ch.bytes,
-                    )
-                )
-                multifd_bytes += ch.bytes
-                normal += ch.pages
-                duplicate += ch.zero_pages
+        main = ChannelStats(
+            MAIN, pages=self._main_pages, zero_pages=self._zero_records, bytes=self._main_bytes
+        )
+        engine = self._receiver.stats() if self._receiver is not None else ()
         return MigrationStats(
             status=self.status,
             total_time_ms=elapsed,
             setup_time_ms=self._setup_ms,
             total=self.ram.total_size,
-            transferred=self._main_bytes + multifd_bytes,
-            duplicate=duplicate + self._zero_records,
-            normal=normal + self._main_pages,
-            multifd_bytes=multifd_bytes,
             dirty_sync_count=self._syncs,
-            channels=tuple(channels),
+            channels=(main, *engine),
         )

@@ -254,6 +254,7 @@ class Source:
         for first in range(0, block.page_count, _CHUNK_PAGES):
             count = min(_CHUNK_PAGES, block.page_count - first)
             pages = np.arange(first, first + count, dtype=np.int64)
+            block.populate(first, count)
             self._send_pages(block, pages)
             if self.progress is not None:
                 self.progress(self.stats())
@@ -303,45 +304,23 @@ class Source:
     # -- statistics -------------------------------------------------------------------------
     def stats(self) -> MigrationStats:
         elapsed = (time.monotonic() - self._start) * 1e3 if self._start else 0.0
-        channels: list[ChannelStats] = []
-        main_bytes = self._main.bytes_sent if self._main is not None else 0
-        channels.append(
-            ChannelStats(
-                MAIN,
-                packets=self._main.records if self._main else 0,
-                pages=self._main_pages,
-                zero_pages=self._zero_records,
-                bytes=main_bytes,
-            )
+        main = ChannelStats(
+            MAIN,
+            packets=self._main.records if self._main is not None else 0,
+            pages=self._main_pages,
+            zero_pages=self._zero_records,
+            bytes=self._main.bytes_sent if self._main is not None else 0,
         )
-        multifd_bytes = normal = duplicate = 0
-        if self._sender is not None:
-            for ch in self._sender.stats():
-                channels.append(
-                    ChannelStats(
-                        ch.channel,
-                        packets=ch.packets,
-                        pages=ch.pages,
-                        zero_pages=ch.zero_pages,
-                        bytes=ch.bytes,
-                    )
-                )
-                multifd_bytes += ch.bytes
-                normal += ch.pages
-                duplicate += ch.zero_pages
+        engine = self._sender.stats() if self._sender is not None else ()
         total = self.ram.total_size
         return MigrationStats(
             status=self.status,
             total_time_ms=elapsed,
             setup_time_ms=self._setup_ms,
             total=total,
-            transferred=main_bytes + multifd_bytes,
             remaining=max(0, total - self._sent_pages * PAGE_SIZE),
-            duplicate=duplicate + self._zero_records,
-            normal=normal + self._main_pages,
-            multifd_bytes=multifd_bytes,
             dirty_sync_count=self._syncs,
-            channels=tuple(channels),
+            channels=(main, *engine),
         )
 
 

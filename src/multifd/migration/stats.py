@@ -6,7 +6,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from multifd.engine.stats import ChannelCounters as ChannelStats
+from multifd.errors import MAIN
 from multifd.wire.constants import PAGE_SIZE
+
+__all__ = ["ChannelStats", "MigrationStats", "Status"]
 
 
 class Status(enum.Enum):
@@ -23,36 +27,38 @@ class Status(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelStats:
-    """Traffic of one channel: packets (or records), pages and bytes on the wire."""
-
-    channel: str
-    packets: int = 0
-    pages: int = 0
-    zero_pages: int = 0
-    bytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class MigrationStats:
     """One snapshot of a migration, on either side.
 
-    Times are milliseconds, as in ``query-migrate``. ``duplicate`` counts zero pages (QEMU's
-    name), ``normal`` counts pages whose data crossed the wire.
+    Times are milliseconds, as in ``query-migrate``. The page and byte totals derive from
+    the per-channel figures: ``duplicate`` counts zero pages (QEMU's name), ``normal``
+    the pages whose data crossed the wire.
     """
 
     status: Status
     total_time_ms: float = 0.0
     setup_time_ms: float = 0.0
     total: int = 0
-    transferred: int = 0
     remaining: int = 0
-    duplicate: int = 0
-    normal: int = 0
-    multifd_bytes: int = 0
     dirty_sync_count: int = 0
     channels: tuple[ChannelStats, ...] = field(default_factory=tuple)
     error: str | None = None
+
+    @property
+    def transferred(self) -> int:
+        return sum(ch.bytes for ch in self.channels)
+
+    @property
+    def multifd_bytes(self) -> int:
+        return sum(ch.bytes for ch in self.channels if ch.channel != MAIN)
+
+    @property
+    def normal(self) -> int:
+        return sum(ch.pages for ch in self.channels)
+
+    @property
+    def duplicate(self) -> int:
+        return sum(ch.zero_pages for ch in self.channels)
 
     @property
     def normal_bytes(self) -> int:
@@ -94,6 +100,7 @@ class MigrationStats:
                 {
                     "channel": ch.channel,
                     "packets": ch.packets,
+                    "sync-packets": ch.sync_packets,
                     "pages": ch.pages,
                     "zero-pages": ch.zero_pages,
                     "bytes": ch.bytes,
