@@ -364,6 +364,25 @@ def connect(address: Address, *, timeout: float, channel: str) -> socket.socket:
     return sock
 
 
+def _timeval(seconds: float) -> bytes:
+    seconds = max(seconds, 1e-6)  # a zero timeval would mean "wait forever"
+    return struct.pack("@ll", int(seconds), int(seconds % 1 * 1_000_000))
+
+
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking, with kernel timers bounding each read and write.
+
+    A Python-level timeout turns the socket non-blocking: every large ``sendmsg`` or
+    ``recv_into`` then returns early with part of the data and goes round the interpreter
+    again. With ``SO_SNDTIMEO``/``SO_RCVTIMEO`` one call moves a whole packet, and a stalled
+    peer still ends the wait: the call fails with ``EAGAIN`` (``BlockingIOError``), or
+    returns short if some bytes had moved.
+    """
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+
+
 def _connect_bounded(sock: socket.socket, target: _SockAddr, timeout: float) -> None:
     """Connect within ``timeout`` and leave ``sock`` blocking.
 
@@ -376,9 +395,7 @@ def _connect_bounded(sock: socket.socket, target: _SockAddr, timeout: float) -> 
         sock.connect(target)
         sock.settimeout(None)
         return
-    seconds = max(timeout, 1e-6)  # a zero timeval would mean "wait forever"
-    timeval = struct.pack("@ll", int(seconds), int(seconds % 1 * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
     sock.connect(target)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 0, 0))
 

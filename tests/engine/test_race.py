@@ -20,13 +20,14 @@ import numpy as np
 from multifd.engine import handshake
 from multifd.engine.handshake import SendAction, SendEvent, SendState
 from multifd.engine.send import Sender
+from multifd.engine.shutdown import Semaphore
 from multifd.errors import multifd_channel
 from multifd.ram import Ram, RamBlock
 from multifd.wire.constants import MULTIFD_FLAG_SYNC, PAGE_SIZE, PAGES_PER_PACKET
 from tests.engine.helpers import TIMEOUT, Recorder, link
 
 
-class GatedSemaphore(threading.Semaphore):
+class GatedSemaphore(Semaphore):
     """A semaphore whose ``acquire`` cannot succeed before ``release`` was called ``hold`` times.
 
     It holds a channel thread back, without sleeping, until the test has posted both the
@@ -34,24 +35,24 @@ class GatedSemaphore(threading.Semaphore):
     """
 
     def __init__(self, hold: int, on_open: Callable[[], None]) -> None:
-        super().__init__(0)
+        super().__init__()
         self._gate = threading.Condition()  # guards _releases; signals each release
         self._releases = 0
         self._hold = hold
         self._on_open = on_open
         self._opened = False  # touched by the one thread that acquires
 
-    def release(self, n: int = 1) -> None:
+    def release(self) -> None:
         with self._gate:
-            self._releases += n
+            self._releases += 1
             self._gate.notify_all()
-        super().release(n)
+        super().release()
 
-    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+    def acquire(self, timeout: float) -> bool:
         with self._gate:
             if not self._gate.wait_for(lambda: self._releases >= self._hold, timeout):
                 return False
-        got = super().acquire(blocking, timeout)
+        got = super().acquire(timeout)
         if got and not self._opened:
             self._opened = True
             self._on_open()

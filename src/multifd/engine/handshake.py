@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, TypeVar, overload
+from typing import Any, Final, NamedTuple, TypeVar, overload
 
 
 class IllegalTransitionError(RuntimeError):
@@ -49,9 +48,11 @@ class IllegalTransitionError(RuntimeError):
 # --- send side -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class SendState:
-    """The request flags of one send channel (QEMU ``MultiFDSendParams``)."""
+class SendState(NamedTuple):
+    """The request flags of one send channel (QEMU ``MultiFDSendParams``).
+
+    A named tuple: looked up in the table several times per packet, it hashes in C.
+    """
 
     pending_job: bool = False  # pending_job: a batch is handed over
     pending_sync: bool = False  # pending_sync: a SYNC packet is requested

@@ -41,7 +41,7 @@ def channel_io(channel: str, what: str, timeout: float) -> Iterator[None]:
     """Map socket errors in the block to :class:`ChannelError` naming ``channel``."""
     try:
         yield
-    except TimeoutError as exc:
+    except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: a kernel timer ran out
         raise ChannelError(f"{what} timed out after {timeout:g} s", channel=channel) from exc
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
@@ -68,7 +68,8 @@ def recv_exact(sock: socket.socket, view: memoryview) -> int:
     got = 0
     size = view.nbytes
     while got < size:
-        count = sock.recv_into(view[got:] if got else view)
+        # MSG_WAITALL: the kernel gathers the whole view in one call where it can.
+        count = sock.recv_into(view[got:] if got else view, size - got, socket.MSG_WAITALL)
         if count == 0:
             break
         got += count

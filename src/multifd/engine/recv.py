@@ -40,6 +40,7 @@ from multifd.errors import (
     multifd_channel,
 )
 from multifd.ram import Ram, RamBlock
+from multifd.transport import set_io_timeout
 from multifd.wire.constants import (
     INIT_PACKET_SIZE,
     MAX_COMPRESSED_PAYLOAD,
@@ -143,7 +144,7 @@ class _RecvChannel:
             while got < PACKET_HEADER_SIZE:
                 try:
                     count = self.sock.recv_into(view[got:] if got else view)
-                except TimeoutError:
+                except (TimeoutError, BlockingIOError):
                     # Between packets a channel may idle as long as the source likes.
                     if got or self.owner.shutdown.exiting:
                         raise
@@ -297,7 +298,7 @@ class Receiver(Stoppable):
     def _read_init(self, sock: socket.socket, timeout: float) -> InitPacket:
         buffer = bytearray(INIT_PACKET_SIZE)
         with channel_io(UNIDENTIFIED, "read of the init packet", timeout):
-            sock.settimeout(timeout)
+            set_io_timeout(sock, timeout)
             got = recv_exact(sock, memoryview(buffer))
         init = InitPacket.unpack(memoryview(buffer)[:got], channel=UNIDENTIFIED)
         name = multifd_channel(init.channel_id)
@@ -329,7 +330,7 @@ class Receiver(Stoppable):
                 )
             channel = _RecvChannel(self, index, sock)
             self._channels[index] = channel
-        sock.settimeout(self.io_timeout)
+        set_io_timeout(sock, self.io_timeout)
         self.shutdown.add(sock, channel.thread)
         return channel
 

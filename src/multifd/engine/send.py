@@ -23,11 +23,12 @@ import numpy.typing as npt
 from multifd.compression import Compressor, compressor, flag_of
 from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, step
 from multifd.engine.pageio import Offsets, channel_io, page_runs, send_buffers
-from multifd.engine.shutdown import Shutdown, Stoppable
+from multifd.engine.shutdown import Semaphore, Shutdown, Stoppable
 from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import ConfigError, MultifdError, multifd_channel
 from multifd.ram import RamBlock, zero_pages
+from multifd.transport import set_io_timeout
 from multifd.wire.constants import MAX_COMPRESSED_PAYLOAD, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PACKET
 from multifd.wire.packets import NIL_UUID, InitPacket, RamPacket
 
@@ -80,8 +81,8 @@ class _SendChannel:
         # The batch belongs to the requester while state.pending_job is False (it only swaps
         # in an empty one) and to the thread while it is True.
         self.batch = _Batch()
-        self.sem = threading.Semaphore(0)  # a request is pending (HAND_JOB, REQUEST_SYNC)
-        self.sem_sync = threading.Semaphore(0)  # the requested SYNC packet is written
+        self.sem = Semaphore()  # a request is pending (HAND_JOB, REQUEST_SYNC)
+        self.sem_sync = Semaphore()  # the requested SYNC packet is written
         # Owned by the channel thread.
         self.compressor: Compressor | None = compressor(owner.compression, owner.level)
         self.counters = Counters(self.name)
@@ -231,13 +232,13 @@ class Sender(Stoppable):
         self.io_timeout = io_timeout
         self.name = name
         self.log = logging.getLogger(f"multifd.{name}")
-        self.channels_ready = threading.Semaphore(0)  # a channel finished a job or started
+        self.channels_ready = Semaphore()  # a channel finished a job or started
         self._num_lock = threading.Lock()  # guards _packet_num
         self._packet_num = 0
         self.shutdown = Shutdown(f"multifd {name}", self.log)
         self._channels = [_SendChannel(self, i, sock) for i, sock in enumerate(channels)]
         for channel in self._channels:
-            channel.sock.settimeout(io_timeout)
+            set_io_timeout(channel.sock, io_timeout)
             self.shutdown.add(channel.sock, channel.thread, channel.sem, channel.sem_sync)
         self.shutdown.add_semaphore(self.channels_ready)
         # Owned by the requester.
@@ -332,7 +333,7 @@ class Sender(Stoppable):
                 return channel
         raise AssertionError("channels_ready was posted but no channel is idle")
 
-    def _wait(self, sem: threading.Semaphore, channel: _SendChannel | None) -> None:
+    def _wait(self, sem: Semaphore, channel: _SendChannel | None) -> None:
         if not self._started:
             raise ConfigError("Sender.start() was not called")
         while not sem.acquire(timeout=_POLL):

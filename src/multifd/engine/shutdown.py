@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import socket
 import threading
 import time
@@ -22,6 +23,30 @@ from multifd.errors import MigrationFailed
 # How long close() waits for all threads together; every blocking call in a thread is
 # woken by the shutdown, so a thread still alive after this is a bug worth reporting.
 JOIN_BOUND: Final = 10.0
+
+
+class Semaphore:
+    """A counting semaphore on ``queue.SimpleQueue``, whose put and get are C code.
+
+    ``Semaphore`` is written in Python over a ``Condition``; the engine posts
+    and waits on one several times per packet, where that cost shows.
+    """
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self) -> None:
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def release(self) -> None:
+        self._tokens.put(None)
+
+    def acquire(self, timeout: float) -> bool:
+        """Take one post; False if none came within ``timeout`` seconds."""
+        try:
+            self._tokens.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        return True
 
 
 class Shutdown:
@@ -37,13 +62,11 @@ class Shutdown:
         self._closed = False
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
-        self._semaphores: list[threading.Semaphore] = []
+        self._semaphores: list[Semaphore] = []
         self._wakeups: list[Callable[[], None]] = []
 
     # -- registration ----------------------------------------------------------------------
-    def add(
-        self, sock: socket.socket, thread: threading.Thread, *sems: threading.Semaphore
-    ) -> None:
+    def add(self, sock: socket.socket, thread: threading.Thread, *sems: Semaphore) -> None:
         with self._lock:
             self._sockets.append(sock)
             self._threads.append(thread)
@@ -51,7 +74,7 @@ class Shutdown:
         if self._exiting.is_set():
             self._wake([sock], list(sems), [])
 
-    def add_semaphore(self, sem: threading.Semaphore) -> None:
+    def add_semaphore(self, sem: Semaphore) -> None:
         with self._lock:
             self._semaphores.append(sem)
 
@@ -132,7 +155,7 @@ class Shutdown:
     @staticmethod
     def _wake(
         sockets: list[socket.socket],
-        sems: list[threading.Semaphore],
+        sems: list[Semaphore],
         wakeups: list[Callable[[], None]],
     ) -> None:
         for sem in sems:
