@@ -23,9 +23,10 @@ from pathlib import Path
 from multifd import transport
 from multifd.engine.trace import TraceHook
 from multifd.errors import ConfigError
-from multifd.migration.destination import Destination, Limits
-from multifd.migration.source import ProgressHook, Source
-from multifd.migration.stats import MigrationStats
+from multifd.migration.destination import Destination
+from multifd.migration.destination import Limits as ReceiveLimits
+from multifd.migration.precopy import Hooks, Limits, Precopy, StaticTracker, Tracker
+from multifd.migration.stats import MigrationStats, PassStats
 from multifd.ram import Ram, RamBlock
 from multifd.wire.compat import profile
 
@@ -72,7 +73,7 @@ def as_ram(blocks: Ram | Mapping[str, BlockSource]) -> Ram:
 
 def send(
     address: str,
-    blocks: Ram | Mapping[str, BlockSource],
+    blocks: Ram | Mapping[str, BlockSource] | Tracker,
     *,
     channels: int = DEFAULT_CHANNELS,
     peer: str = "native",
@@ -81,15 +82,24 @@ def send(
     level: int | None = None,
     connect_timeout: float = 10.0,
     io_timeout: float = 30.0,
+    limits: Limits | None = None,
+    hooks: Hooks | None = None,
     trace: TraceHook | None = None,
-    progress: ProgressHook | None = None,
+    on_pass: Callable[[PassStats], None] | None = None,
+    progress: Callable[[MigrationStats], None] | None = None,
 ) -> MigrationStats:
     """Migrate ``blocks`` to the destination listening at ``address``.
 
+    Static blocks go in one pass. For memory that is written while it moves, pass a
+    tracker instead (:class:`~multifd.dirty.DirtyLog` for writers in this process,
+    :class:`~multifd.dirty.ShadowTracker` for other processes): the migration then runs
+    pre-copy passes until the rest fits ``limits.downtime_limit``, and calls ``hooks``
+    around the switchover.
+
     Args:
         address: ``tcp:HOST:PORT`` or ``unix:PATH``.
-        blocks: a :class:`Ram`, or a mapping of block name to a :class:`RamBlock`, a buffer
-            or a file path (the file is mapped; its size must be a multiple of 4096).
+        blocks: a :class:`Ram`; a mapping of block name to a :class:`RamBlock`, a buffer or
+            a file path (mapped; its size must be a multiple of 4096); or a tracker.
         channels: multifd channels (0 sends every page on the main channel).
         peer: ``native``, ``qemu-7.2`` or ``qemu-10.0`` (see :mod:`multifd.wire.compat`).
         uuid: the UUID written into every multifd init packet (QEMU's ``-uuid``).
@@ -97,7 +107,10 @@ def send(
         level: compression level (QEMU's ``multifd-zlib-level``/``multifd-zstd-level``).
         connect_timeout: seconds allowed for each connection.
         io_timeout: seconds a channel may stall before the migration fails.
+        limits: downtime limit, bandwidth cap, pass and time bounds.
+        hooks: pause / resume / stopped callbacks around switchover.
         trace: sees every packet and marker sent.
+        on_pass: called with each pass's figures.
         progress: called with statistics snapshots while pages are sent.
 
     Returns:
@@ -106,19 +119,24 @@ def send(
     Raises:
         ConfigError: an argument is invalid.
         MigrationFailed: the migration failed; ``__cause__`` is the first error.
+        MigrationCancelled: the migration was cancelled (Ctrl-C in the sending thread).
     """
-    source = Source(
-        as_ram(blocks),
+    tracker = blocks if isinstance(blocks, Tracker) else StaticTracker(as_ram(blocks))
+    migration = Precopy(
+        tracker,
         profile(peer),
+        limits=limits,
+        hooks=hooks,
+        on_pass=on_pass,
+        progress=progress,
         channels=check_channels(channels),
         uuid=parse_uuid(uuid) or bytes(16),
         compression=compression,
         level=level,
         io_timeout=io_timeout,
         trace=trace,
-        progress=progress,
     )
-    return source.migrate(transport.parse_address(address), connect_timeout=connect_timeout)
+    return migration.migrate(transport.parse_address(address), connect_timeout=connect_timeout)
 
 
 @dataclass(frozen=True)
@@ -138,7 +156,7 @@ def receive(
     compression: str = "none",
     io_timeout: float = 30.0,
     setup_timeout: float = 60.0,
-    limits: Limits | None = None,
+    limits: ReceiveLimits | None = None,
     prealloc: Mapping[str, int] | None = None,
     on_listening: Callable[[str], None] | None = None,
     trace: TraceHook | None = None,

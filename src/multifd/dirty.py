@@ -106,9 +106,20 @@ class DirtyLog:
         last = (offset + length - 1) >> PAGE_SHIFT
         bitmap.mark(first, last - first + 1)
 
-    def take(self) -> dict[str, Pages]:
-        """Every block's dirty pages, each bitmap cleared atomically with its read."""
-        return {name: bitmap.take() for name, bitmap in self._bitmaps.items()}
+    @property
+    def source_ram(self) -> Ram:
+        """What a migration sends: the live blocks (their writers mark what they change)."""
+        return self.ram
+
+    def take(self, *, everything: bool = False) -> dict[str, Pages]:
+        """Every block's dirty pages, each bitmap cleared atomically with its read.
+
+        With ``everything`` the bitmaps are cleared and every page is returned (a first pass).
+        """
+        taken = {name: bitmap.take() for name, bitmap in self._bitmaps.items()}
+        if everything:
+            return {b.name: np.arange(b.page_count, dtype=np.int64) for b in self.ram}
+        return taken
 
     def restore(self, taken: Mapping[str, Pages]) -> None:
         """Mark pages dirty again that were taken but not delivered."""
@@ -135,6 +146,11 @@ class ShadowTracker:
         self.live = live
         self.sent = Ram([RamBlock.anonymous(block.name, block.size) for block in live])
         self._pending = DirtyLog(self.sent, all_dirty=False)  # taken, not yet acknowledged
+
+    @property
+    def source_ram(self) -> Ram:
+        """What a migration sends: the copies, refreshed by each :meth:`take`."""
+        return self.sent
 
     def take(self, *, everything: bool = False) -> dict[str, Pages]:
         """Copy changed pages into :attr:`sent` and return their numbers, per block."""

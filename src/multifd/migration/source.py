@@ -24,7 +24,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final
 
 import numpy as np
@@ -33,9 +33,10 @@ import numpy.typing as npt
 from multifd import transport
 from multifd.engine.send import Sender
 from multifd.engine.trace import TraceHook, emit
-from multifd.errors import MAIN, MigrationFailed, MultifdError, multifd_channel
-from multifd.migration.stats import ChannelStats, MigrationStats, Status
-from multifd.ram import Ram, RamBlock
+from multifd.errors import MAIN, multifd_channel
+from multifd.migration.pacing import Pacer
+from multifd.migration.stats import ChannelStats
+from multifd.ram import Ram, RamBlock, zero_pages
 from multifd.wire import stream
 from multifd.wire.compat import PeerProfile, SyncMode, ZeroPageMode
 from multifd.wire.constants import (
@@ -58,7 +59,7 @@ MACHINE_TYPE: Final = "none"
 _CHUNK_PAGES: Final = 64 * PAGES_PER_PACKET
 _IOV_MAX: Final = 512
 
-ProgressHook = Callable[[MigrationStats], None]
+Pages = npt.NDArray[np.int64]  # page numbers of one block, ascending
 
 
 class MainChannel:
@@ -91,7 +92,11 @@ class MainChannel:
 
 
 class Source:
-    """One migration of static RAM blocks to a destination.
+    """The sending end of one migration stream: main channel, multifd channels, passes.
+
+    It writes what it is told (:meth:`setup`, :meth:`send_pass` as often as needed,
+    :meth:`complete`); deciding which pages and when is the orchestrator's job
+    (:mod:`multifd.migration.precopy`).
 
     Args:
         ram: the blocks to send; their content is read, never written.
@@ -101,7 +106,7 @@ class Source:
         compression: ``none``, ``zlib`` or ``zstd`` (multifd only).
         level: compression level, or None for QEMU's default.
         trace: sees every packet and marker sent.
-        progress: called with a snapshot after each chunk of pages.
+        progress: called after each chunk of pages is handed to the channels.
     """
 
     def __init__(
@@ -115,7 +120,7 @@ class Source:
         level: int | None = None,
         io_timeout: float = 30.0,
         trace: TraceHook | None = None,
-        progress: ProgressHook | None = None,
+        progress: Callable[[], None] | None = None,
     ) -> None:
         self.ram = ram
         self.profile = profile
@@ -135,45 +140,26 @@ class Source:
         self._sent_pages = 0
         self._syncs = 0
         self._last_block: RamBlock | None = None  # for RAM_SAVE_FLAG_CONTINUE
-        self.status = Status.NONE
+        self._sockets: list[socket.socket] = []
 
-    # -- the whole migration ----------------------------------------------------------------
-    def migrate(
-        self, address: transport.Address, *, connect_timeout: float = 10.0
-    ) -> MigrationStats:
-        """Connect, send every page once, complete the stream; return the final statistics."""
+    # -- connection -------------------------------------------------------------------------
+    def open(self, address: transport.Address, *, connect_timeout: float = 10.0) -> None:
+        """Connect the main channel, then the multifd channels, and start the sender."""
         self._start = time.monotonic()
-        self.status = Status.SETUP
-        sockets: list[socket.socket] = []
-        try:
-            main_sock = transport.connect(address, timeout=connect_timeout, channel=MAIN)
-            sockets.append(main_sock)
-            main_sock.settimeout(self.io_timeout)
-            # QEMU 7.2 takes the first connection as the main channel: the multifd channels
-            # are opened only once the main one is connected (spec 2.2).
-            for index in range(self.channels):
-                sock = transport.connect(
-                    address, timeout=connect_timeout, channel=multifd_channel(index)
-                )
-                sockets.append(sock)
-            self._run(main_sock, sockets[1:])
-        except MigrationFailed:
-            self.status = Status.FAILED
-            raise
-        except MultifdError as exc:
-            self.status = Status.FAILED
-            raise _failed(exc) from exc
-        finally:
-            for sock in sockets:
-                transport.close_quietly(sock)
-        self.status = Status.COMPLETED
-        return self.stats()
-
-    def _run(self, main_sock: socket.socket, channel_socks: Sequence[socket.socket]) -> None:
+        main_sock = transport.connect(address, timeout=connect_timeout, channel=MAIN)
+        self._sockets.append(main_sock)
+        main_sock.settimeout(self.io_timeout)
+        # QEMU 7.2 takes the first connection as the main channel: the multifd channels
+        # are opened only once the main one is connected (spec 2.2).
+        for index in range(self.channels):
+            sock = transport.connect(
+                address, timeout=connect_timeout, channel=multifd_channel(index)
+            )
+            self._sockets.append(sock)
         self._main = MainChannel(main_sock, trace=self.trace)
-        if channel_socks:
+        if self.channels:
             self._sender = Sender(
-                channel_socks,
+                self._sockets[1:],
                 uuid=self.uuid,
                 compression=self.compression,
                 level=self.level,
@@ -182,19 +168,28 @@ class Source:
                 io_timeout=self.io_timeout,
             )
             self._sender.start()
-        try:
-            self._setup()
-            self._setup_ms = (time.monotonic() - self._start) * 1e3
-            self.status = Status.ACTIVE
-            self._iterate(list(self.ram))
-            self.status = Status.DEVICE
-            self._complete()
-        finally:
-            if self._sender is not None:
-                self._sender.close()
+
+    def close(self) -> None:
+        """Stop the channel threads and close every socket; idempotent."""
+        if self._sender is not None:
+            self._sender.close()
+        for sock in self._sockets:
+            transport.close_quietly(sock)
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the channels with ``exc`` and wake whoever waits on them; never blocks.
+
+        Safe from any thread, a channel thread or a trace hook included: the threads are
+        joined later, by :meth:`close` on the migrating thread.
+        """
+        if self._sender is not None:
+            self._sender.fail(exc, None)
+        for sock in self._sockets:
+            transport.shutdown_quietly(sock)
 
     # -- stream phases ----------------------------------------------------------------------
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Header, configuration and the RAM block list, with the setup sync."""
         main = self._require_main()
         main.write(
             stream.file_header(),
@@ -204,25 +199,28 @@ class Source:
         )
         # The setup SYNC keeps destination channel threads away from RAM until the block
         # list has been loaded (spec 6.3).
-        self._round_end(section_end=True)
+        self._round_end(sync=True)
         main.write(stream.section_footer(RAM_SECTION_ID))
         main.flush()
+        self._setup_ms = (time.monotonic() - self._start) * 1e3
 
-    def _iterate(self, blocks: list[RamBlock]) -> None:
+    def send_pass(self, pages: Mapping[str, Pages], *, pace: Pacer | None = None) -> None:
+        """One pass: a PART section with ``pages`` of each block, ending with a sync round."""
         main = self._require_main()
         main.write(stream.section_part(RAM_SECTION_ID))
-        for block in blocks:
-            self._send_block(block)
-        self._round_end(section_end=True, pass_end=True)
+        self._send_all(pages, pace)
+        self._round_end(sync=True)
         main.write(stream.section_footer(RAM_SECTION_ID))
         main.flush()
 
-    def _complete(self) -> None:
+    def complete(self, pages: Mapping[str, Pages]) -> None:
+        """The last pages in the END section, the device sections, EOF and the description."""
         main = self._require_main()
         if self.profile.switchover_start:
             main.write(stream.switchover_start())
         main.write(stream.section_end(RAM_SECTION_ID))
-        self._round_end(section_end=True)
+        self._send_all(pages, None)
+        self._round_end(sync=True)
         main.write(
             stream.section_footer(RAM_SECTION_ID),
             stream.timer_section(TIMER_SECTION_ID),
@@ -232,40 +230,49 @@ class Source:
         )
         main.flush()
 
-    def _round_end(self, *, section_end: bool, pass_end: bool = False) -> None:
-        """Close a round: sync the channels where the profile wants it, then write EOS."""
+    def _round_end(self, *, sync: bool) -> None:
+        """Close a round: a SYNC on every channel and the peer's marker, then EOS."""
         main = self._require_main()
         per_section = self.profile.sync_mode is SyncMode.PER_SECTION
-        setup = self.status is Status.SETUP
-        if self._sender is not None and (per_section or setup or pass_end):
-            main.flush()
-            self._sender.sync()
-            self._syncs += 1
-            if not per_section:
-                main.marker(stream.ram_multifd_flush(), "MULTIFD_FLUSH")
-        if section_end:
-            if per_section and self._sender is not None:
-                main.marker(stream.ram_eos(), "EOS")
-            else:
-                main.write(stream.ram_eos())
+        if self._sender is None or not sync:
+            main.write(stream.ram_eos())
+            return
+        main.flush()
+        self._sender.sync()
+        self._syncs += 1
+        if per_section:
+            main.marker(stream.ram_eos(), "EOS")
+        else:
+            main.marker(stream.ram_multifd_flush(), "MULTIFD_FLUSH")
+            main.write(stream.ram_eos())
 
     # -- pages ------------------------------------------------------------------------------
-    def _send_block(self, block: RamBlock) -> None:
-        for first in range(0, block.page_count, _CHUNK_PAGES):
-            count = min(_CHUNK_PAGES, block.page_count - first)
-            pages = np.arange(first, first + count, dtype=np.int64)
-            block.populate(first, count)
-            self._send_pages(block, pages)
-            if self.progress is not None:
-                self.progress(self.stats())
+    def _send_all(self, pages: Mapping[str, Pages], pace: Pacer | None) -> None:
+        for block in self.ram:
+            chosen = pages.get(block.name)
+            if chosen is None or not len(chosen):
+                continue
+            step = pace.chunk_pages if pace is not None else _CHUNK_PAGES
+            for first in range(0, len(chosen), step):
+                chunk = chosen[first : first + step]
+                if pace is not None:
+                    pace.wait(len(chunk) * PAGE_SIZE)
+                self._send_pages(block, chunk)
+                if self.progress is not None:
+                    self.progress()
 
-    def _send_pages(self, block: RamBlock, pages: npt.NDArray[np.int64]) -> None:
-        """Send the pages numbered ``pages`` of ``block``: zero pages as the profile says."""
+    def _send_pages(self, block: RamBlock, pages: Pages) -> None:
+        """Send the pages numbered ``pages`` (ascending) of ``block``, zero pages as the
+        profile says."""
+        first, count = int(pages[0]), len(pages)
+        contiguous = int(pages[-1]) - first == count - 1
+        if contiguous:
+            block.populate(first, count)
         if self._sender is not None and self.profile.zero_pages is ZeroPageMode.MULTIFD:
             self._sender.send_pages(block, pages * PAGE_SIZE)
-            self._sent_pages += len(pages)
+            self._sent_pages += count
             return
-        zero = block.zero_page_mask(int(pages[0]), len(pages))
+        zero = block.zero_page_mask(first, count) if contiguous else zero_pages(block.words[pages])
         self._write_zero_records(block, pages[zero])
         normal = pages[~zero]
         if self._sender is not None:
@@ -273,7 +280,7 @@ class Source:
                 self._sender.send_pages(block, normal * PAGE_SIZE)
         else:
             self._write_page_records(block, normal)
-        self._sent_pages += len(pages)
+        self._sent_pages += count
 
     def _write_zero_records(self, block: RamBlock, pages: npt.NDArray[np.int64]) -> None:
         main = self._require_main()
@@ -302,8 +309,8 @@ class Source:
         return self._main
 
     # -- statistics -------------------------------------------------------------------------
-    def stats(self) -> MigrationStats:
-        elapsed = (time.monotonic() - self._start) * 1e3 if self._start else 0.0
+    def channel_stats(self) -> tuple[ChannelStats, ...]:
+        """The main channel's traffic, then each multifd channel's."""
         main = ChannelStats(
             MAIN,
             packets=self._main.records if self._main is not None else 0,
@@ -312,16 +319,15 @@ class Source:
             bytes=self._main.bytes_sent if self._main is not None else 0,
         )
         engine = self._sender.stats() if self._sender is not None else ()
-        total = self.ram.total_size
-        return MigrationStats(
-            status=self.status,
-            total_time_ms=elapsed,
-            setup_time_ms=self._setup_ms,
-            total=total,
-            remaining=max(0, total - self._sent_pages * PAGE_SIZE),
-            dirty_sync_count=self._syncs,
-            channels=(main, *engine),
-        )
+        return (main, *engine)
+
+    @property
+    def setup_ms(self) -> float:
+        return self._setup_ms
+
+    @property
+    def syncs(self) -> int:
+        return self._syncs
 
 
 def _offsets(pages: npt.NDArray[np.int64]) -> Iterator[int]:
@@ -341,11 +347,3 @@ def _vmdesc() -> bytes:
         },
     ]
     return json.dumps({"page_size": PAGE_SIZE, "devices": devices}).encode()
-
-
-def _failed(exc: MultifdError) -> MigrationFailed:
-    """Wrap a root cause; its text already names the channel."""
-    failed = MigrationFailed(str(exc))
-    channel = getattr(exc, "channel", None)
-    failed.channel = channel if isinstance(channel, str) else None
-    return failed

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from multifd.engine.stats import ChannelCounters as ChannelStats
 from multifd.errors import MAIN
 from multifd.wire.constants import PAGE_SIZE
 
-__all__ = ["ChannelStats", "MigrationStats", "Status"]
+__all__ = ["ChannelStats", "MigrationStats", "PassStats", "Status"]
 
 
 class Status(enum.Enum):
@@ -27,6 +27,41 @@ class Status(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class PassStats:
+    """One pre-copy pass: what it sent, how long it took, what got dirty meanwhile."""
+
+    number: int
+    pages: int
+    bytes: int
+    seconds: float
+    dirty_pages: int = 0  # pages dirtied while the pass ran (the next pass's work)
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second the pass put on the wire."""
+        return self.bytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def dirty_rate(self) -> float:
+        """Pages dirtied per second during the pass (QEMU's dirty-pages-rate)."""
+        return self.dirty_pages / self.seconds if self.seconds > 0 else 0.0
+
+    def with_dirty(self, pages: int) -> PassStats:
+        return replace(self, dirty_pages=pages)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pass": self.number,
+            "pages": self.pages,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 6),
+            "mbps": round(self.bandwidth * 8 / 1e6, 3),
+            "dirty-pages": self.dirty_pages,
+            "dirty-pages-rate": round(self.dirty_rate, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class MigrationStats:
     """One snapshot of a migration, on either side.
 
@@ -38,10 +73,14 @@ class MigrationStats:
     status: Status
     total_time_ms: float = 0.0
     setup_time_ms: float = 0.0
+    downtime_ms: float = 0.0
+    expected_downtime_ms: float = 0.0
     total: int = 0
     remaining: int = 0
     dirty_sync_count: int = 0
+    dirty_pages_rate: float = 0.0
     channels: tuple[ChannelStats, ...] = field(default_factory=tuple)
+    passes: tuple[PassStats, ...] = field(default_factory=tuple)
     error: str | None = None
 
     @property
@@ -83,6 +122,8 @@ class MigrationStats:
             "status": self.status.value,
             "total-time": round(self.total_time_ms, 3),
             "setup-time": round(self.setup_time_ms, 3),
+            "downtime": round(self.downtime_ms, 3),
+            "expected-downtime": round(self.expected_downtime_ms, 3),
             "ram": {
                 "total": self.total,
                 "transferred": self.transferred,
@@ -95,7 +136,9 @@ class MigrationStats:
                 "pages-per-second": round(self.pages_per_second, 3),
                 "page-size": PAGE_SIZE,
                 "dirty-sync-count": self.dirty_sync_count,
+                "dirty-pages-rate": round(self.dirty_pages_rate, 3),
             },
+            "passes": [p.to_json() for p in self.passes],
             "channels": [
                 {
                     "channel": ch.channel,
