@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
 
 from multifd import api
-from multifd.errors import MultifdError
+from multifd.console import LiveView, describe_pass, print_stats
+from multifd.dirty import ShadowTracker
+from multifd.errors import MigrationCancelled, MultifdError
+from multifd.migration.precopy import Limits, StaticTracker, TimeoutPolicy, Tracker
 from multifd.migration.stats import MigrationStats
+from multifd.pausing import process_hooks
+from multifd.ram import Ram
 from multifd.wire.compat import PROFILES
 
 err = Console(stderr=True, highlight=False)
@@ -32,43 +27,6 @@ err = Console(stderr=True, highlight=False)
 def _fail(exc: BaseException) -> NoReturn:
     err.print(f"multifd: error: {exc}", markup=False, soft_wrap=True)
     sys.exit(1)
-
-
-def _print_stats(stats: MigrationStats, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(stats.to_json()))
-        return
-    seconds = stats.total_time_ms / 1e3
-    err.print(
-        f"{stats.status.value}: {stats.transferred / 2**20:.1f} MiB in {seconds:.2f} s "
-        f"({stats.mbps / 8:.1f} MB/s), {stats.normal} pages, {stats.duplicate} zero pages",
-        markup=False,
-    )
-    for ch in stats.channels:
-        err.print(
-            f"  {ch.channel:>10}: {ch.packets} packets, {ch.bytes / 2**20:.1f} MiB", markup=False
-        )
-
-
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[MigrationStats], None] | None]:
-    if not enabled:
-        yield None
-        return
-    columns = (
-        TextColumn("sending"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("send", total=total)
-
-        def update(stats: MigrationStats) -> None:
-            bar.update(task, completed=stats.total - stats.remaining)
-
-        yield update
 
 
 def _channels_option() -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -159,7 +117,7 @@ def receive(
     except MultifdError as exc:
         _fail(exc)
     try:
-        _print_stats(result.stats, as_json)
+        print_stats(err, result.stats, as_json=as_json)
     finally:
         result.ram.close()
 
@@ -182,38 +140,112 @@ def receive(
     help="The destination's QEMU behaviour.",
 )
 @click.option("--level", type=int, default=None, help="Compression level.")
+@click.option(
+    "--live", is_flag=True, help="The files are written while they move: pre-copy passes."
+)
+@click.option(
+    "--pause-pid",
+    type=int,
+    default=None,
+    metavar="PID",
+    help="Stop this writer process (SIGSTOP) at switchover; SIGCONT on failure.",
+)
+@click.option(
+    "--resume-source", is_flag=True, help="Continue the --pause-pid process after success too."
+)
+@click.option(
+    "--downtime-limit",
+    type=click.FloatRange(min=0.001),
+    default=300.0,
+    show_default=True,
+    help="Milliseconds the last pass may take (QEMU's default).",
+)
+@click.option(
+    "--max-bandwidth", default=None, metavar="BYTES", help="Bytes per second at most, e.g. 100M."
+)
+@click.option("--max-passes", type=click.IntRange(min=1), default=None)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.001),
+    default=None,
+    help="Seconds to converge before --on-timeout applies.",
+)
+@click.option(
+    "--on-timeout",
+    type=click.Choice(["cancel", "force"]),
+    default="cancel",
+    show_default=True,
+    help="cancel: fail, the source keeps running; force: switch over anyway.",
+)
 @_common
 def send(
     address: str,
     blocks: tuple[str, ...],
     peer: str,
     level: int | None,
+    live: bool,
+    pause_pid: int | None,
+    resume_source: bool,
+    downtime_limit: float,
+    max_bandwidth: str | None,
+    max_passes: int | None,
+    timeout: float | None,
+    on_timeout: str,
     channels: int,
     uuid: str | None,
     compression: str,
     io_timeout: float,
     as_json: bool,
 ) -> None:
-    """Send files as RAM blocks to the destination at ADDRESS."""
+    """Send files as RAM blocks to the destination at ADDRESS.
+
+    With --live the files may be written by other processes while they move: passes
+    repeat until what is left fits the downtime limit, then --pause-pid is stopped
+    (SIGSTOP) for the last pages, as QEMU stops a VM's CPUs.
+    """
+    if pause_pid is not None and not live:
+        raise click.UsageError("--pause-pid needs --live")
     try:
-        named = dict(_split_block(spec) for spec in blocks)
-        ram = api.as_ram(named)
-        with _progress(err.is_terminal and not as_json, ram.total_size) as progress:
-            stats = api.send(
-                address,
-                ram,
-                channels=channels,
-                peer=peer,
-                uuid=uuid,
-                compression=compression,
-                level=level,
-                io_timeout=io_timeout,
-                progress=progress,
-            )
-        ram.close()
+        limits = Limits(
+            downtime_limit=downtime_limit / 1e3,
+            max_bandwidth=_parse_size(max_bandwidth, "--max-bandwidth") if max_bandwidth else None,
+            max_passes=max_passes,
+            timeout=timeout,
+            on_timeout=TimeoutPolicy(on_timeout),
+        )
+        ram = api.as_ram(dict(_split_block(spec) for spec in blocks))
+        hooks = (
+            process_hooks(pause_pid, resume_after_success=resume_source)
+            if pause_pid is not None
+            else None
+        )
+        stats = _run_send(address, ram, live=live, as_json=as_json, limits=limits, hooks=hooks,
+                          channels=channels, peer=peer, uuid=uuid, compression=compression,
+                          level=level, io_timeout=io_timeout)  # fmt: skip
+    except MigrationCancelled:
+        err.print("multifd: cancelled", markup=False)
+        sys.exit(130)
     except MultifdError as exc:
         _fail(exc)
-    _print_stats(stats, as_json)
+    print_stats(err, stats, as_json=as_json)
+
+
+def _run_send(
+    address: str, ram: Ram, *, live: bool, as_json: bool, **options: Any
+) -> MigrationStats:
+    tracker: Tracker = ShadowTracker(ram) if live else StaticTracker(ram)
+    show = err.is_terminal and not as_json
+    try:
+        if not show:
+            on_pass = (lambda r: err.print(describe_pass(r), markup=False)) if live else None
+            return api.send(address, tracker, on_pass=on_pass, **options)
+        with LiveView(err, ram.total_size) as view:
+            return api.send(address, tracker, on_pass=view.on_pass, progress=view.update,
+                            **options)  # fmt: skip
+    finally:
+        if isinstance(tracker, ShadowTracker):
+            tracker.close()
+        ram.close()
 
 
 def _split_prealloc(spec: str) -> tuple[str, int]:
@@ -232,16 +264,56 @@ def _split_block(spec: str) -> tuple[str, str]:
 
 @main.command()
 @click.option("--size", default="1G", show_default=True, help="Block size (K, M, G suffixes).")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=20_000.0,
+    show_default=True,
+    help="Pages written per second while the block migrates (0: static).",
+)
+@click.option(
+    "--hot-set",
+    default="64M",
+    show_default=True,
+    help="Size of the region that takes most of the writes.",
+)
+@click.option("--hot-fraction", type=click.FloatRange(0, 1), default=0.8, show_default=True)
 @click.option("--zero-fraction", type=click.FloatRange(0, 1), default=0.3, show_default=True)
+@click.option(
+    "--downtime-limit",
+    type=click.FloatRange(min=0.001),
+    default=300.0,
+    show_default=True,
+    help="Milliseconds.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+    help="Folder for report.json and passes.png.",
+)
 @_channels_option()
-def demo(size: str, zero_fraction: float, channels: int) -> None:
-    """Migrate a generated block over loopback TCP and compare both sides."""
-    from multifd.demo import run_demo  # noqa: PLC0415  (numpy-heavy set-up only on demand)
+def demo(
+    size: str,
+    rate: float,
+    hot_set: str,
+    hot_fraction: float,
+    zero_fraction: float,
+    downtime_limit: float,
+    out: Path,
+    channels: int,
+) -> None:
+    """Migrate a block that is being written, over loopback TCP, and compare both sides."""
+    from multifd.demo import DemoSettings, run_demo  # noqa: PLC0415  (set-up only on demand)
 
+    settings = DemoSettings(
+        size=_parse_size(size), rate=rate, hot_set=_parse_size(hot_set, "--hot-set"),
+        hot_fraction=hot_fraction, zero_fraction=zero_fraction, channels=channels,
+        downtime_limit=downtime_limit / 1e3, output=out,
+    )  # fmt: skip
     try:
-        ok = run_demo(
-            size=_parse_size(size), zero_fraction=zero_fraction, channels=channels, console=err
-        )
+        ok = run_demo(settings, err)
     except MultifdError as exc:
         _fail(exc)
     sys.exit(0 if ok else 1)

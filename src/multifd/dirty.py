@@ -106,6 +106,11 @@ class DirtyLog:
         last = (offset + length - 1) >> PAGE_SHIFT
         bitmap.mark(first, last - first + 1)
 
+    def mark_pages(self, block: RamBlock | str, pages: Pages) -> None:
+        """Record writes to whole pages, by page number: one lock for the lot."""
+        name = block if isinstance(block, str) else block.name
+        self._bitmaps[name].mark_pages(pages)
+
     @property
     def source_ram(self) -> Ram:
         """What a migration sends: the live blocks (their writers mark what they change)."""

@@ -1,0 +1,110 @@
+"""What the command line shows: a live view of a migration and its final figures."""
+
+from __future__ import annotations
+
+import json
+import threading
+from types import TracebackType
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from multifd.migration.stats import MigrationStats, PassStats
+from multifd.wire.constants import PAGE_SIZE
+
+MIB = 1 << 20
+
+
+def print_stats(console: Console, stats: MigrationStats, *, as_json: bool) -> None:
+    """The final statistics: one JSON object on stdout, or a short summary on ``console``."""
+    if as_json:
+        click.echo(json.dumps(stats.to_json()))
+        return
+    seconds = stats.total_time_ms / 1e3
+    line = (
+        f"{stats.status.value}: {stats.transferred / MIB:.1f} MiB in {seconds:.2f} s "
+        f"({stats.mbps / 8:.1f} MB/s), {stats.normal} pages, {stats.duplicate} zero pages"
+    )
+    if stats.passes:
+        count = len(stats.passes)
+        line += f", {count} pass{'' if count == 1 else 'es'}, downtime {stats.downtime_ms:.1f} ms"
+    console.print(line, markup=False)
+    for ch in stats.channels:
+        console.print(
+            f"  {ch.channel:>10}: {ch.packets} packets, {ch.bytes / MIB:.1f} MiB", markup=False
+        )
+
+
+def describe_pass(report: PassStats) -> str:
+    return (
+        f"pass {report.number}: {report.pages} pages ({report.bytes / MIB:.1f} MiB) in "
+        f"{report.seconds:.2f} s, {report.bandwidth / 1e6:.0f} MB/s; "
+        f"{report.dirty_pages} pages dirtied meanwhile ({report.dirty_rate:.0f} pages/s)"
+    )
+
+
+class LiveView:
+    """A rich view of a running migration: the current pass, remaining bytes, channels.
+
+    ``update`` and ``on_pass`` are called from the migrating thread; rich refreshes the
+    screen from its own thread, reading the tasks under its own lock.
+    """
+
+    def __init__(self, console: Console, total_bytes: int) -> None:
+        self._console = console
+        self._progress = Progress(
+            TextColumn("{task.description:>12}"),
+            BarColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self._lock = threading.Lock()  # guards the pass bookkeeping below
+        self._pass = 1
+        self._pass_pages = total_bytes // PAGE_SIZE
+        self._pages_before = 0  # pages sent before the current pass began
+        self._pass_task: TaskID = self._progress.add_task(
+            "pass 1", total=self._pass_pages, detail=""
+        )
+        self._channel_tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> LiveView:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def on_pass(self, report: PassStats) -> None:
+        self._console.print(describe_pass(report), markup=False)
+        with self._lock:
+            self._pages_before += report.pages
+            self._pass = report.number + 1
+            self._pass_pages = max(1, report.dirty_pages)
+        self._progress.reset(
+            self._pass_task, total=self._pass_pages, description=f"pass {self._pass}"
+        )
+
+    def update(self, stats: MigrationStats) -> None:
+        with self._lock:
+            done = stats.normal + stats.duplicate - self._pages_before
+        rate = stats.dirty_pages_rate
+        self._progress.update(
+            self._pass_task,
+            completed=min(done, self._pass_pages),
+            detail=f"{stats.remaining / MIB:.0f} MiB dirty, {rate:.0f} pages/s dirtied, "
+            f"{stats.mbps / 8:.0f} MB/s",
+        )
+        top = max((ch.bytes for ch in stats.channels), default=1) or 1
+        for ch in stats.channels:
+            task = self._channel_tasks.get(ch.channel)
+            if task is None:
+                task = self._progress.add_task(ch.channel, total=top, detail="")
+                self._channel_tasks[ch.channel] = task
+            self._progress.update(
+                task, completed=ch.bytes, total=top, detail=f"{ch.bytes / MIB:.0f} MiB"
+            )
