@@ -108,3 +108,35 @@ def test_pause_pid_must_be_a_process_we_can_signal(tmp_path: Path, pid: int) -> 
                           timeout=BOUND, check=False)  # fmt: skip
     assert sent.returncode == 1
     assert f"cannot signal process {pid}" in sent.stderr
+
+
+def test_ctrl_c_cancels_within_a_second_and_resumes_the_writer(tmp_path: Path) -> None:
+    image = _image(tmp_path / "ram.img")
+    with writer_process(image) as writer:
+        proc, address = _receiver("--channels", "2")
+        # 1 MB/s: the first pass alone would take seconds, so Ctrl-C lands in it.
+        send = subprocess.Popen(
+            [*CLI, "-v", "send", address, "--block", f"mem={image}", "--live",
+             "--pause-pid", str(writer.pid), "--max-bandwidth", "1M"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert send.stderr is not None
+            lines = []
+            for line in send.stderr:
+                lines.append(line)
+                if "status: active" in line:
+                    break
+            assert lines, "the sender printed nothing"
+            assert "status: active" in lines[-1], lines
+            send.send_signal(signal.SIGINT)
+            _, rest = send.communicate(timeout=2.0)  # the brief: cancelled within a second
+        finally:
+            if send.poll() is None:
+                send.kill()
+                send.communicate()
+        proc.communicate(timeout=BOUND)
+        assert send.returncode == 130
+        assert "cancelled" in rest
+        assert proc.returncode == 1
+        assert _state(writer.pid) not in ("T", "t")

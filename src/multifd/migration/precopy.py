@@ -360,6 +360,7 @@ class Precopy:
             if status not in _NEXT[self._status]:
                 raise AssertionError(f"no transition {self._status.value} -> {status.value}")
             self._status = status
+        log.info("status: %s", status.value)
 
     def _tick(self) -> None:
         if self.progress is not None:
