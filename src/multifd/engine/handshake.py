@@ -59,6 +59,10 @@ class SendState(NamedTuple):
 
 
 class SendEvent(enum.Enum):
+    # Enum members compare by identity, so identity hashing is consistent with equality;
+    # it runs in C, where Enum.__hash__ (several table lookups per packet) is Python.
+    __hash__ = object.__hash__
+
     HAND_JOB = "hand_job"  # requester swapped a full batch in (only when no job is pending)
     REQUEST_SYNC = "request_sync"  # requester asks for one SYNC packet
     WAKE = "wake"  # channel thread acquired its sem
@@ -67,6 +71,8 @@ class SendEvent(enum.Enum):
 
 
 class SendAction(enum.Enum):
+    __hash__ = object.__hash__  # as in SendEvent
+
     NONE = "none"  # nothing to do (a wake-up with no request: shutdown)
     POST_SEM = "post_sem"  # requester: post the channel's sem after setting a flag
     SEND_PAGES = "send_pages"  # thread: write the batch as one packet without SYNC
@@ -82,26 +88,25 @@ _BOTH: Final = SendState(pending_job=True, pending_sync=True)
 _S = SendEvent
 _SA = SendAction
 
+_SEND_STEPS: Final[dict[tuple[SendState, SendEvent], tuple[SendState, SendAction]]] = {
+    # The requester. A job is handed only to a channel with no job and no sync
+    # pending: a batch is never overwritten, and a job handed after a sync request
+    # would be written before that SYNC, i.e. in the wrong epoch.
+    (_IDLE, _S.HAND_JOB): (_JOB, _SA.POST_SEM),
+    (_IDLE, _S.REQUEST_SYNC): (_SYNC, _SA.POST_SEM),
+    (_JOB, _S.REQUEST_SYNC): (_BOTH, _SA.POST_SEM),
+    # The channel thread: a wake-up serves the job first, else the sync; the flag
+    # stays set while the bytes are written and is cleared once they are out.
+    (_JOB, _S.WAKE): (_JOB, _SA.SEND_PAGES),
+    (_BOTH, _S.WAKE): (_BOTH, _SA.SEND_PAGES),
+    (_SYNC, _S.WAKE): (_SYNC, _SA.SEND_SYNC),
+    (_IDLE, _S.WAKE): (_IDLE, _SA.NONE),
+    (_JOB, _S.PAGES_SENT): (_IDLE, _SA.POST_CHANNELS_READY),
+    (_BOTH, _S.PAGES_SENT): (_SYNC, _SA.POST_CHANNELS_READY),
+    (_SYNC, _S.SYNC_SENT): (_IDLE, _SA.POST_SEM_SYNC),
+}
 SEND_TABLE: Final[Mapping[tuple[SendState, SendEvent], tuple[SendState, SendAction]]] = (
-    MappingProxyType(
-        {
-            # The requester. A job is handed only to a channel with no job and no sync
-            # pending: a batch is never overwritten, and a job handed after a sync request
-            # would be written before that SYNC, i.e. in the wrong epoch.
-            (_IDLE, _S.HAND_JOB): (_JOB, _SA.POST_SEM),
-            (_IDLE, _S.REQUEST_SYNC): (_SYNC, _SA.POST_SEM),
-            (_JOB, _S.REQUEST_SYNC): (_BOTH, _SA.POST_SEM),
-            # The channel thread: a wake-up serves the job first, else the sync; the flag
-            # stays set while the bytes are written and is cleared once they are out.
-            (_JOB, _S.WAKE): (_JOB, _SA.SEND_PAGES),
-            (_BOTH, _S.WAKE): (_BOTH, _SA.SEND_PAGES),
-            (_SYNC, _S.WAKE): (_SYNC, _SA.SEND_SYNC),
-            (_IDLE, _S.WAKE): (_IDLE, _SA.NONE),
-            (_JOB, _S.PAGES_SENT): (_IDLE, _SA.POST_CHANNELS_READY),
-            (_BOTH, _S.PAGES_SENT): (_SYNC, _SA.POST_CHANNELS_READY),
-            (_SYNC, _S.SYNC_SENT): (_IDLE, _SA.POST_SEM_SYNC),
-        }
-    )
+    MappingProxyType(_SEND_STEPS)
 )
 """Send channel: ``(state, event) -> (next state, action)``."""
 
@@ -112,6 +117,8 @@ SEND_INITIAL: Final = _IDLE
 
 
 class RecvState(enum.Enum):
+    __hash__ = object.__hash__  # as in SendEvent
+
     RUNNING = "running"  # reading packets; SYNCs are honoured
     AT_SYNC_POSTED = "at_sync_posted"  # read a SYNC, told the loader, parked until released
     RELEASED = "released"  # the loader let it go; the thread has not woken yet
@@ -121,6 +128,8 @@ class RecvState(enum.Enum):
 
 
 class RecvEvent(enum.Enum):
+    __hash__ = object.__hash__  # as in SendEvent
+
     PACKET = "packet"  # thread: read (and applied) a packet without SYNC
     SYNC = "sync"  # thread: read (and applied) a packet with SYNC
     EOF = "eof"  # thread: end of stream exactly at a packet boundary
@@ -130,6 +139,8 @@ class RecvEvent(enum.Enum):
 
 
 class RecvAction(enum.Enum):
+    __hash__ = object.__hash__  # as in SendEvent
+
     CONTINUE = "continue"  # thread: read the next packet
     PARK = "park"  # thread: wake the loader, then wait until released
     NOTIFY = "notify"  # loader: wake the parked thread
@@ -185,6 +196,18 @@ def lookup(table: Mapping[tuple[S, E], tuple[S, A]], state: S, event: E) -> tupl
     """
     try:
         return table[state, event]
+    except KeyError:
+        raise IllegalTransitionError(f"{event} is not allowed in state {state}") from None
+
+
+def send_step(state: SendState, event: SendEvent) -> tuple[SendState, SendAction]:
+    """:func:`step` on :data:`SEND_TABLE`, without the dispatch: the engine's per-packet path.
+
+    Raises:
+        IllegalTransitionError: the event is not allowed in this state.
+    """
+    try:
+        return _SEND_STEPS[state, event]
     except KeyError:
         raise IllegalTransitionError(f"{event} is not allowed in state {state}") from None
 

@@ -36,31 +36,39 @@ def page_runs(offsets: Offsets) -> list[tuple[int, int]]:
     ]
 
 
+def channel_error(exc: OSError, channel: str, what: str, timeout: float) -> ChannelError:
+    """The :class:`ChannelError` naming ``channel`` that stands for a socket error."""
+    if isinstance(exc, (TimeoutError, BlockingIOError)):  # BlockingIOError: a kernel timer ran out
+        return ChannelError(f"{what} timed out after {timeout:g} s", channel=channel)
+    reason = exc.strerror or type(exc).__name__
+    return ChannelError(f"{what} failed: {reason}", channel=channel)
+
+
 @contextmanager
 def channel_io(channel: str, what: str, timeout: float) -> Iterator[None]:
     """Map socket errors in the block to :class:`ChannelError` naming ``channel``."""
     try:
         yield
-    except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: a kernel timer ran out
-        raise ChannelError(f"{what} timed out after {timeout:g} s", channel=channel) from exc
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise ChannelError(f"{what} failed: {reason}", channel=channel) from exc
+        raise channel_error(exc, channel, what, timeout) from exc
 
 
-def send_buffers(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> int:
-    """Write every buffer with as few ``sendmsg`` calls as the kernel allows."""
+def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], total: int) -> None:
+    """Write every buffer (``total`` bytes together), in one ``sendmsg`` where the kernel can."""
+    sent = sock.sendmsg(buffers)
+    if sent == total:
+        return
     pending = [memoryview(b) for b in buffers]
-    total = sum(view.nbytes for view in pending)
     index = 0
-    while index < len(pending):
-        sent = sock.sendmsg(pending[index:] if index else pending)
+    while True:
         while index < len(pending) and sent >= pending[index].nbytes:
             sent -= pending[index].nbytes
             index += 1
+        if index == len(pending):
+            return
         if sent:
             pending[index] = pending[index][sent:]
-    return total
+        sent = sock.sendmsg(pending[index:])
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> int:

@@ -1,12 +1,15 @@
 """The send side of multifd: one thread per channel, fed with page batches by a requester.
 
 The requester (the migration thread calling :meth:`Sender.send_pages` and
-:meth:`Sender.sync`) fills a batch of at most 128 pages of one block and hands it to the
-next idle channel by swapping batch objects; each channel thread writes what it is handed
-as one packet. Requester and channel thread meet only through the per-channel handshake of
-:mod:`multifd.engine.handshake` (QEMU 9.0+ ``multifd_send()`` / ``multifd_send_thread()``,
-spec 6.2 and 6.5): a job and a sync request are two independent flags, so a SYNC packet
-never carries pages and there is never an empty packet.
+:meth:`Sender.sync`) cuts the pages it is given into batches of at most 128 pages of one
+block, prepares the packets of all those batches in one numpy pass
+(:class:`~multifd.engine.batch.PacketPlan`), and hands each batch to the next idle channel
+by swapping batch objects; each channel thread stamps flags, counts and ``packet_num``
+into the header and writes what it is handed as one packet. Requester and channel thread
+meet only through the per-channel handshake of :mod:`multifd.engine.handshake` (QEMU 9.0+
+``multifd_send()`` / ``multifd_send_thread()``, spec 6.2 and 6.5): a job and a sync
+request are two independent flags, so a SYNC packet never carries pages and there is never
+an empty packet.
 """
 
 from __future__ import annotations
@@ -21,47 +24,25 @@ import numpy as np
 import numpy.typing as npt
 
 from multifd.compression import Compressor, compressor, flag_of
-from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, step
-from multifd.engine.pageio import Offsets, channel_io, page_runs, send_buffers
+from multifd.engine.batch import Batch, PacketPlan
+from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, send_step
+from multifd.engine.pageio import Offsets, channel_error, send_all
 from multifd.engine.shutdown import Semaphore, Shutdown, Stoppable
 from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import ConfigError, MultifdError, multifd_channel
-from multifd.ram import RamBlock, zero_pages
+from multifd.ram import RamBlock
 from multifd.transport import set_io_timeout
-from multifd.wire.constants import MAX_COMPRESSED_PAYLOAD, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PACKET
-from multifd.wire.packets import NIL_UUID, InitPacket, RamPacket
+from multifd.wire.constants import (
+    MAX_COMPRESSED_PAYLOAD,
+    PACKET_HEADER_SIZE,
+    PAGE_SIZE,
+    PAGES_PER_PACKET,
+)
+from multifd.wire.packets import NIL_UUID, InitPacket, RamPacket, stamp_header
 
 # Requester waits wake up this often to notice a failure even if no post reaches them.
 _POLL: Final = 0.25
-
-
-class _Batch:
-    """Offsets of up to 128 pages of one block; owned by the requester or by one channel."""
-
-    __slots__ = ("block", "count", "offsets")
-
-    def __init__(self) -> None:
-        self.block: RamBlock | None = None
-        self.count = 0
-        self.offsets: Offsets = np.empty(PAGES_PER_PACKET, dtype=np.int64)
-
-    def clear(self) -> None:
-        self.block = None
-        self.count = 0
-
-
-def _partition_zero_pages(block: RamBlock, offsets: Offsets) -> tuple[Offsets, Offsets]:
-    """Split ``offsets`` into (non-zero pages, zero pages), each in the given order (spec 5.2)."""
-    first = int(offsets[0]) >> PAGE_SHIFT
-    if len(offsets) == 1 or bool((np.diff(offsets) == PAGE_SIZE).all()):
-        # One ascending run of pages (the common case): a slice, no gather copy.
-        zero = zero_pages(block.words[first : first + len(offsets)])
-    else:
-        zero = zero_pages(block.words[offsets >> PAGE_SHIFT])
-    if not zero.any():
-        return offsets, offsets[:0]
-    return offsets[~zero], offsets[zero]
 
 
 class _SendChannel:
@@ -80,7 +61,7 @@ class _SendChannel:
         self.state: SendState = SEND_INITIAL
         # The batch belongs to the requester while state.pending_job is False (it only swaps
         # in an empty one) and to the thread while it is True.
-        self.batch = _Batch()
+        self.batch = Batch()
         self.sem = Semaphore()  # a request is pending (HAND_JOB, REQUEST_SYNC)
         self.sem_sync = Semaphore()  # the requested SYNC packet is written
         # Owned by the channel thread.
@@ -91,7 +72,7 @@ class _SendChannel:
     def request(self, event: SendEvent) -> None:
         """Requester side: set a request flag through the table, then post ``sem``."""
         with self.lock:
-            self.state, action = step(self.state, event)
+            self.state, action = send_step(self.state, event)
         self.perform(action)
 
     def perform(self, action: SendAction) -> None:
@@ -104,13 +85,15 @@ class _SendChannel:
 
     def _transition(self, event: SendEvent) -> SendAction:
         with self.lock:
-            self.state, action = step(self.state, event)
+            self.state, action = send_step(self.state, event)
         return action
 
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self._write([InitPacket(self.index, self.owner.uuid).pack()], None)
+            init = InitPacket(self.index, self.owner.uuid).pack()
+            self._write([init], len(init))
+            self.counters.bytes += len(init)
             self.owner.channels_ready.release()
             while self._wait_for_work():
                 self._serve(self._transition(SendEvent.WAKE))
@@ -134,54 +117,56 @@ class _SendChannel:
             self.batch.clear()
             self.perform(self._transition(SendEvent.PAGES_SENT))
         elif action is SendAction.SEND_SYNC:
-            packet = RamPacket.sync(self.owner.next_packet_num())
-            self._write([packet.pack()], packet)
+            header = RamPacket.sync(self.owner.next_packet_num()).pack()
+            self._write([header], len(header))
+            self.counters.count(pages=0, zero_pages=0, sync=True, size=len(header))
+            self._trace(header)
             self.perform(self._transition(SendEvent.SYNC_SENT))
 
-    def _send_batch(self, batch: _Batch) -> None:
-        block = batch.block
-        assert block is not None, "a handed-over batch always names its block"
-        offsets = batch.offsets[: batch.count]
-        zero = offsets[:0]
-        if self.owner.detect_zero_pages:
-            offsets, zero = _partition_zero_pages(block, offsets)
-        runs = [block.view[start : start + size] for start, size in page_runs(offsets)]
-        flags = self.owner.flag
-        body: Sequence[memoryview | bytes] = runs
-        size = len(offsets) * PAGE_SIZE
-        if self.compressor is not None and len(offsets):
-            pages = [block.page_view(offset) for offset in offsets.tolist()]
-            payload = self.compressor.compress(pages)
-            if len(payload) > MAX_COMPRESSED_PAYLOAD:
-                raise ConfigError(
-                    f"{self.name}: compressed payload of {len(payload)} bytes exceeds "
-                    f"{MAX_COMPRESSED_PAYLOAD} bytes"
-                )
+    def _send_batch(self, batch: Batch) -> None:
+        body: Sequence[memoryview | bytes] = batch.runs
+        size = batch.normal * PAGE_SIZE
+        if self.compressor is not None and batch.normal:
+            payload = self._compress(batch)
             body, size = [payload], len(payload)
-        packet = RamPacket(
-            flags=flags,
-            packet_num=self.owner.next_packet_num(),
-            normal_pages=len(offsets),
-            zero_pages=len(zero),
-            ramblock=block.name,
-            offsets=tuple(offsets.tolist()) + tuple(zero.tolist()),
+        header = batch.header
+        stamp_header(
+            header,
+            flags=self.owner.flag,
+            normal_pages=batch.normal,
+            zero_pages=batch.zero,
             next_packet_size=size,
+            packet_num=self.owner.next_packet_num(),
         )
-        self._write([packet.pack(), *body], packet)
+        size += PACKET_HEADER_SIZE
+        self._write([header, *body], size)
+        self.counters.count(pages=batch.normal, zero_pages=batch.zero, sync=False, size=size)
+        self._trace(header)
 
-    def _write(self, buffers: Sequence[bytes | memoryview], packet: RamPacket | None) -> None:
-        with channel_io(self.name, "write", self.owner.io_timeout):
-            size = send_buffers(self.sock, buffers)
-        if packet is None:
-            self.counters.bytes += size
-            return
-        self.counters.count(
-            pages=packet.normal_pages,
-            zero_pages=packet.zero_pages,
-            sync=packet.is_sync,
-            size=size,
-        )
-        emit(self.owner.trace, "send", self.name, packet=packet)
+    def _compress(self, batch: Batch) -> bytes:
+        assert self.compressor is not None
+        assert batch.block is not None
+        pages = [batch.block.page_view(offset) for offset in batch.offsets.tolist()]
+        payload = self.compressor.compress(pages)
+        if len(payload) > MAX_COMPRESSED_PAYLOAD:
+            raise ConfigError(
+                f"{self.name}: compressed payload of {len(payload)} bytes exceeds "
+                f"{MAX_COMPRESSED_PAYLOAD} bytes"
+            )
+        return payload
+
+    def _write(self, buffers: Sequence[bytes | memoryview], size: int) -> None:
+        try:
+            send_all(self.sock, buffers, size)
+        except OSError as exc:
+            raise channel_error(exc, self.name, "write", self.owner.io_timeout) from exc
+
+    def _trace(self, header: bytes | memoryview) -> None:
+        if self.owner.trace is not None:
+            # Decoded from the bytes just written, and only for a hook: the hot path builds
+            # no packet objects.
+            packet = RamPacket.unpack(header, channel=self.name)
+            emit(self.owner.trace, "send", self.name, packet=packet)
 
 
 class Sender(Stoppable):
@@ -241,8 +226,12 @@ class Sender(Stoppable):
             set_io_timeout(channel.sock, io_timeout)
             self.shutdown.add(channel.sock, channel.thread, channel.sem, channel.sem_sync)
         self.shutdown.add_semaphore(self.channels_ready)
-        # Owned by the requester.
-        self._batch = _Batch()
+        # Owned by the requester: the empty batch it fills and swaps in, and the pages of
+        # the last partial batch, held back until more pages of the same block or a sync.
+        self._batch = Batch()
+        self._held: Offsets = np.empty(PAGES_PER_PACKET, dtype=np.int64)
+        self._held_count = 0
+        self._held_block: RamBlock | None = None
         self._next_channel = 0
         self._started = False
 
@@ -266,23 +255,16 @@ class Sender(Stoppable):
             ValueError: an offset is not a page of ``block``.
         """
         self.shutdown.raise_if_stopped()
-        offs = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        # A copy: the channels read the offsets after this returns.
+        offs = np.array(offsets, dtype=np.int64).reshape(-1)
         if not len(offs):
             return
         _check_offsets(block, offs)
-        batch = self._batch
-        if batch.count and batch.block is not block:
-            self._hand_over()
-        position = 0
-        while position < len(offs):
-            batch = self._batch
-            batch.block = block
-            take = min(PAGES_PER_PACKET - batch.count, len(offs) - position)
-            batch.offsets[batch.count : batch.count + take] = offs[position : position + take]
-            batch.count += take
-            position += take
-            if batch.count == PAGES_PER_PACKET:
-                self._hand_over()
+        if self._held_count and self._held_block is not block:
+            self._flush()
+        offs = self._hold(block, offs)
+        if len(offs):
+            self._hand_over(PacketPlan(block, offs, detect_zero_pages=self.detect_zero_pages))
 
     def sync(self) -> None:
         """Flush the partial batch and write one SYNC packet on every channel.
@@ -294,8 +276,8 @@ class Sender(Stoppable):
             MigrationFailed: a channel failed or the sender was closed.
         """
         self.shutdown.raise_if_stopped()
-        if self._batch.count:
-            self._hand_over()
+        if self._held_count:
+            self._flush()
         for channel in self._channels:
             channel.request(SendEvent.REQUEST_SYNC)
         for channel in self._channels:
@@ -315,13 +297,36 @@ class Sender(Stoppable):
         self.shutdown.fail(exc, channel)
 
     # -- the requester's side of the handshake ---------------------------------------------
-    def _hand_over(self) -> None:
-        channel = self._idle_channel()
-        with channel.lock:
-            # Swap ownership: the channel gets the full batch, we get its empty one.
-            channel.batch, self._batch = self._batch, channel.batch
-            channel.state, action = step(channel.state, SendEvent.HAND_JOB)
-        channel.perform(action)
+    def _hold(self, block: RamBlock, offsets: Offsets) -> Offsets:
+        """The held pages then ``offsets``, cut to whole batches; the rest is held back."""
+        held = self._held_count
+        if held:
+            offsets = np.concatenate((self._held[:held], offsets))
+        whole = len(offsets) - len(offsets) % PAGES_PER_PACKET
+        self._held_count = len(offsets) - whole
+        self._held[: self._held_count] = offsets[whole:]
+        self._held_block = block
+        return offsets[:whole]
+
+    def _flush(self) -> None:
+        """Hand the held partial batch over as one packet."""
+        assert self._held_block is not None, "held pages always name their block"
+        offsets = self._held[: self._held_count].copy()
+        self._held_count = 0
+        plan = PacketPlan(self._held_block, offsets, detect_zero_pages=self.detect_zero_pages)
+        self._hand_over(plan)
+
+    def _hand_over(self, plan: PacketPlan) -> None:
+        """Give each packet of ``plan``, in order, to the next idle channel."""
+        for index in range(len(plan)):
+            channel = self._idle_channel()
+            batch = self._batch
+            plan.fill(batch, index)
+            with channel.lock:
+                # Swap ownership: the channel gets the full batch, we get its empty one.
+                channel.batch, self._batch = batch, channel.batch
+                channel.state, action = send_step(channel.state, SendEvent.HAND_JOB)
+            channel.perform(action)
 
     def _idle_channel(self) -> _SendChannel:
         self._wait(self.channels_ready, None)  # paired with POST_CHANNELS_READY

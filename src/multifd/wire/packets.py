@@ -13,6 +13,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 from multifd.errors import ProtocolError
 from multifd.wire.constants import (
     INIT_PACKET_SIZE,
@@ -42,12 +45,79 @@ assert _HEADER.size + _OFFSETS.size == PACKET_HEADER_SIZE
 
 NIL_UUID: Final = bytes(UUID_SIZE)
 
+# The same header as a numpy record, to build many headers in one vectorised pass.
+HEADER_DTYPE: Final = np.dtype(
+    [
+        ("magic", ">u4"),
+        ("version", ">u4"),
+        ("flags", ">u4"),
+        ("pages_alloc", ">u4"),
+        ("normal_pages", ">u4"),
+        ("next_packet_size", ">u4"),
+        ("packet_num", ">u8"),
+        ("zero_pages", ">u4"),
+        ("unused32", ">u4"),
+        ("unused64", "V24"),
+        ("ramblock", "S256"),
+        ("offsets", ">u8", (PAGES_PER_PACKET,)),
+    ]
+)
+assert HEADER_DTYPE.itemsize == PACKET_HEADER_SIZE
+
+# flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages: the fields of
+# a header that vary per packet, contiguous from byte 8 on.
+_COUNTS: Final = struct.Struct(">IIIIQI")
+_COUNTS_AT: Final = 8
+assert HEADER_DTYPE.fields is not None
+assert HEADER_DTYPE.fields["flags"][1] == _COUNTS_AT
+
 
 def _encode_name(name: str) -> bytes:
     raw = name.encode()
     if len(raw) >= RAMBLOCK_NAME_SIZE:
         raise ValueError(f"ramblock name longer than {RAMBLOCK_NAME_SIZE - 1} bytes: {name!r}")
     return raw
+
+
+def pack_headers(ramblock: str, offsets: npt.NDArray[np.int64]) -> bytearray:
+    """Headers of ``len(offsets)`` packets of one block, back to back, counts left zero.
+
+    Row ``i`` of ``offsets`` (shape ``(count, 128)``, unused slots zero) becomes the offset
+    array of header ``i``; :func:`stamp_header` fills in the fields that vary per packet.
+    Stamped, each header is byte for byte what :meth:`RamPacket.pack` makes.
+    """
+    raw = bytearray(len(offsets) * PACKET_HEADER_SIZE)
+    headers = np.frombuffer(raw, dtype=HEADER_DTYPE)
+    headers["magic"] = MULTIFD_MAGIC
+    headers["version"] = MULTIFD_VERSION
+    headers["ramblock"] = _encode_name(ramblock)
+    headers["offsets"] = offsets
+    return raw
+
+
+def stamp_header(
+    header: bytearray | memoryview,
+    *,
+    flags: int,
+    normal_pages: int,
+    zero_pages: int,
+    next_packet_size: int,
+    packet_num: int,
+) -> None:
+    """Write the per-packet fields into a header made by :func:`pack_headers`.
+
+    ``pages_alloc`` is set to 128 as for every packet with pages (spec 3.1).
+    """
+    _COUNTS.pack_into(
+        header,
+        _COUNTS_AT,
+        flags,
+        PAGES_PER_PACKET,
+        normal_pages,
+        next_packet_size,
+        packet_num,
+        zero_pages,
+    )
 
 
 @dataclass(frozen=True, slots=True)

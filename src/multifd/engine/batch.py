@@ -1,0 +1,155 @@
+"""Page batches and the packets of many batches planned in one numpy pass.
+
+The requester is handed thousands of page offsets at a time. Splitting them into batches
+of 128 pages, finding the zero pages, ordering each batch (pages whose data travels, then
+zero pages: spec 5.2), encoding the headers and cutting the runs of contiguous pages is
+done here for all of those batches together, so that what is left per packet is a handful
+of attribute assignments on the requester's side and a header stamp plus one ``sendmsg``
+on the channel's side. A plan only prepares bytes: which channel writes a batch, and with
+which ``packet_num``, is decided when the batch is handed over and written.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from multifd.engine.pageio import Offsets
+from multifd.ram import RamBlock, zero_pages
+from multifd.wire.constants import PACKET_HEADER_SIZE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PACKET
+from multifd.wire.packets import pack_headers
+
+_NO_PAGES: Final[Offsets] = np.empty(0, dtype=np.int64)
+_NO_HEADER: Final = memoryview(b"")
+
+
+class Batch:
+    """The pages of one packet, owned by the requester or by the one channel it was handed to.
+
+    Attributes:
+        block: the block of every page (None while empty).
+        header: the packet header, complete but for the fields :func:`stamp_header` writes.
+        runs: views of the block's RAM, one per run of contiguous pages with data.
+        normal: pages whose data travels (``normal_pages``).
+        zero: pages announced as zero (``zero_pages``).
+        offsets: byte offsets of the ``normal`` pages, in header order.
+    """
+
+    __slots__ = ("block", "header", "normal", "offsets", "runs", "zero")
+
+    def __init__(self) -> None:
+        self.block: RamBlock | None = None
+        self.header = _NO_HEADER
+        self.runs: list[memoryview] = []
+        self.normal = 0
+        self.zero = 0
+        self.offsets: Offsets = _NO_PAGES
+
+    def clear(self) -> None:
+        """Drop the references to RAM and header so that a spent plan can be freed."""
+        self.block = None
+        self.header = _NO_HEADER
+        self.runs = []
+        self.offsets = _NO_PAGES
+
+
+class PacketPlan:
+    """The packets for ``offsets`` of ``block``: one per 128 offsets, the last one partial.
+
+    Args:
+        block: the block every offset belongs to.
+        offsets: byte offsets of pages of ``block``, already checked.
+        detect_zero_pages: announce all-zero pages in ``zero_pages`` instead of sending them.
+    """
+
+    def __init__(self, block: RamBlock, offsets: Offsets, *, detect_zero_pages: bool) -> None:
+        count = -(-len(offsets) // PAGES_PER_PACKET)
+        sizes = [PAGES_PER_PACKET] * (count - 1) + [len(offsets) - (count - 1) * PAGES_PER_PACKET]
+        steps = np.diff(offsets)
+        zero = _zero_mask(block, offsets, steps) if detect_zero_pages else None
+        with_data = None  # positions in offsets of the pages with data; None: all of them
+        normal = sizes
+        if zero is not None and zero.any():
+            offsets, with_data = _zero_pages_last(offsets, zero)
+            normal = np.bincount(with_data // PAGES_PER_PACKET, minlength=count).tolist()
+            steps = np.diff(offsets[with_data])
+        # A run ends where the next page is not the next one in RAM, and with its packet.
+        breaks = steps != PAGE_SIZE
+        if with_data is None:
+            breaks[PAGES_PER_PACKET - 1 :: PAGES_PER_PACKET] = True
+        else:
+            breaks |= np.diff(with_data // PAGES_PER_PACKET) != 0
+        self.block: Final = block
+        self._offsets: Final = offsets
+        self._normal: Final[list[int]] = normal
+        self._zero: Final = [size - n for size, n in zip(sizes, normal, strict=True)]
+        self._runs, self._bounds = _runs(block, offsets, with_data, breaks, count)
+        self._headers = _headers(block.name, offsets, count)
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    def fill(self, batch: Batch, index: int) -> None:
+        """Load packet ``index`` of the plan into the requester's ``batch``."""
+        batch.block = self.block
+        batch.header = self._headers[index]
+        batch.runs = self._runs[self._bounds[index] : self._bounds[index + 1]]
+        batch.normal = normal = self._normal[index]
+        batch.zero = self._zero[index]
+        first = index * PAGES_PER_PACKET
+        batch.offsets = self._offsets[first : first + normal]
+
+
+def _zero_mask(block: RamBlock, offsets: Offsets, steps: Offsets) -> npt.NDArray[np.bool_]:
+    first = int(offsets[0]) >> PAGE_SHIFT
+    if bool((steps == PAGE_SIZE).all()):
+        # One ascending run of pages (the common case): a slice, no gather copy.
+        return zero_pages(block.words[first : first + len(offsets)])
+    return zero_pages(block.words[offsets >> PAGE_SHIFT])
+
+
+def _zero_pages_last(
+    offsets: Offsets, zero: npt.NDArray[np.bool_]
+) -> tuple[Offsets, npt.NDArray[np.intp]]:
+    """``offsets`` with each packet's zero pages moved after its pages with data (spec 5.2),
+    both kept in their order; and the positions of the pages with data."""
+    packet = np.arange(len(offsets)) // PAGES_PER_PACKET
+    order = np.argsort(packet * 2 + zero, kind="stable")
+    return offsets[order], np.flatnonzero(~zero[order])
+
+
+def _runs(
+    block: RamBlock,
+    offsets: Offsets,
+    with_data: npt.NDArray[np.intp] | None,
+    breaks: npt.NDArray[np.bool_],
+    count: int,
+) -> tuple[list[memoryview], list[int]]:
+    """Views of the runs of contiguous pages, and where each packet's runs start in them.
+
+    ``with_data`` are the positions in ``offsets`` of the pages whose data travels (None:
+    all of them); ``breaks[i]`` is True where data page ``i + 1`` does not continue the run
+    of data page ``i``.
+    """
+    if with_data is not None and not len(with_data):
+        return [], [0] * (count + 1)
+    firsts = np.concatenate(([0], np.flatnonzero(breaks) + 1))  # among the data pages
+    pages = np.diff(firsts, append=len(breaks) + 1)
+    if with_data is not None:
+        firsts = with_data[firsts]  # a run's pages are adjacent in offsets too
+    bounds = np.searchsorted(firsts // PAGES_PER_PACKET, np.arange(count + 1)).tolist()
+    view = block.view
+    runs = [
+        view[start : start + size]
+        for start, size in zip(offsets[firsts].tolist(), (pages * PAGE_SIZE).tolist(), strict=True)
+    ]
+    return runs, bounds
+
+
+def _headers(name: str, offsets: Offsets, count: int) -> list[memoryview]:
+    padded = np.zeros(count * PAGES_PER_PACKET, dtype=np.int64)
+    padded[: len(offsets)] = offsets
+    raw = memoryview(pack_headers(name, padded.reshape(count, PAGES_PER_PACKET)))
+    return [raw[i : i + PACKET_HEADER_SIZE] for i in range(0, len(raw), PACKET_HEADER_SIZE)]
