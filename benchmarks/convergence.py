@@ -68,6 +68,10 @@ class Outcome:
 def cases(quick: bool) -> list[Case]:
     rates = [0.0, 20_000.0] if quick else [0.0, 5_000.0, 20_000.0, 50_000.0]
     found = [Case(f"{rate:,.0f} pages/s", rate) for rate in rates]
+    # Capped links, where the dirty rate is a real fraction of the bandwidth: several passes.
+    found.append(Case("20,000 pages/s, 200 MB/s cap", 20_000.0, 200e6))
+    if not quick:
+        found.append(Case("50,000 pages/s, 400 MB/s cap", 50_000.0, 400e6))
     found.append(Case("100,000 pages/s, 100 MB/s cap", 100_000.0, 100e6, timeout=8.0))
     return found
 
@@ -178,8 +182,8 @@ def plot(outcomes: list[Outcome], path: Path) -> None:
     from matplotlib import pyplot as plt  # noqa: PLC0415
 
     done = [o for o in outcomes if o.status == "completed"]
-    figure, left = plt.subplots(figsize=(7, 4))
-    names = [o.case for o in done]
+    figure, left = plt.subplots(figsize=(9, 5))
+    names = [o.case.replace(", ", "\n") for o in done]
     left.bar(names, [o.sent_over_ram for o in done], color="tab:blue", alpha=0.6)
     left.set_ylabel("bytes sent / RAM", color="tab:blue")
     right = left.twinx()
