@@ -268,14 +268,17 @@ class Precopy:
             report = report.with_dirty(_count(pages))
             self._record(report)
             remaining = report.dirty_pages
-            expected = remaining * PAGE_SIZE / report.bandwidth if report.bandwidth else 0.0
+            # Bandwidth over all passes so far: a short last pass is mostly sync latency and
+            # would make the estimate swing.
+            bandwidth = _bandwidth(self._figures.passes)
+            expected = remaining * PAGE_SIZE / bandwidth if bandwidth else 0.0
             self._figures.remaining_pages = remaining
             self._figures.expected_downtime_ms = expected * 1e3
             log.info("pass %d: %d pages, %d dirty, expected downtime %.0f ms",
                      report.number, report.pages, remaining, expected * 1e3)  # fmt: skip
             if expected <= self.limits.downtime_limit:
                 return pages
-            reason = self._limit_reached(report, expected)
+            reason = self._limit_reached(report, expected, bandwidth)
             if reason is not None:
                 if self.limits.on_timeout is TimeoutPolicy.FORCE:
                     log.warning("switching over anyway: %s", reason)
@@ -296,7 +299,7 @@ class Precopy:
         if self.on_pass is not None:
             self.on_pass(report)
 
-    def _limit_reached(self, report: PassStats, expected: float) -> str | None:
+    def _limit_reached(self, report: PassStats, expected: float, bandwidth: float) -> str | None:
         limits = self.limits
         elapsed = time.monotonic() - self._start
         hit = None
@@ -310,7 +313,7 @@ class Precopy:
             f"{hit}; expected downtime {expected * 1e3:.0f} ms exceeds the "
             f"{limits.downtime_limit * 1e3:.0f} ms limit: the memory is dirtied at "
             f"{report.dirty_rate * PAGE_SIZE / 1e6:.1f} MB/s "
-            f"against a bandwidth of {report.bandwidth / 1e6:.1f} MB/s"
+            f"against a bandwidth of {bandwidth / 1e6:.1f} MB/s"
         )
 
     # -- switchover --------------------------------------------------------------------------
@@ -365,6 +368,11 @@ class Precopy:
     def _tick(self) -> None:
         if self.progress is not None:
             self.progress(self.stats())
+
+
+def _bandwidth(passes: list[PassStats]) -> float:
+    seconds = sum(p.seconds for p in passes)
+    return sum(p.bytes for p in passes) / seconds if seconds > 0 else 0.0
 
 
 def _count(pages: Mapping[str, Pages]) -> int:
