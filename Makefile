@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit interop bench clean
+.PHONY: demo test check lint typecheck unit interop bench clean qemu10
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,10 +27,14 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m 'not interop'
 
-interop: $(STAMP)
+# QEMU 10.0 from Debian 13, unpacked into .cache/qemu10 (no-op once there).
+qemu10:
+	bash scripts/qemu10.sh
+
+interop: $(STAMP) qemu10
 	$(PY) -m pytest -m interop
 
-test: lint typecheck
+test: lint typecheck qemu10
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -38,4 +42,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/convergence.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache
