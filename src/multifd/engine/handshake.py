@@ -152,28 +152,38 @@ _R = RecvState
 _E = RecvEvent
 _A = RecvAction
 
+_RECV_STEPS: Final[dict[tuple[RecvState, RecvEvent], tuple[RecvState, RecvAction]]] = {
+    (_R.RUNNING, _E.PACKET): (_R.RUNNING, _A.CONTINUE),
+    (_R.RUNNING, _E.SYNC): (_R.AT_SYNC_POSTED, _A.PARK),
+    (_R.RUNNING, _E.EOF): (_R.EOF_SEEN, _A.EXIT),
+    (_R.RUNNING, _E.FINISH): (_R.DRAINING, _A.NONE),
+    (_R.AT_SYNC_POSTED, _E.RELEASE): (_R.RELEASED, _A.NOTIFY),
+    (_R.AT_SYNC_POSTED, _E.FINISH): (_R.DRAINING, _A.NOTIFY),
+    (_R.RELEASED, _E.WAKE): (_R.RUNNING, _A.CONTINUE),
+    (_R.RELEASED, _E.FINISH): (_R.DRAINING, _A.NONE),
+    (_R.DRAINING, _E.WAKE): (_R.DRAINING, _A.CONTINUE),
+    (_R.DRAINING, _E.PACKET): (_R.DRAINING, _A.CONTINUE),
+    (_R.DRAINING, _E.SYNC): (_R.DRAINING, _A.CONTINUE),
+    (_R.DRAINING, _E.EOF): (_R.DONE, _A.EXIT),
+    (_R.DRAINING, _E.FINISH): (_R.DRAINING, _A.NONE),
+    (_R.EOF_SEEN, _E.FINISH): (_R.DONE, _A.NONE),
+    (_R.DONE, _E.FINISH): (_R.DONE, _A.NONE),
+}
 RECV_TABLE: Final[Mapping[tuple[RecvState, RecvEvent], tuple[RecvState, RecvAction]]] = (
-    MappingProxyType(
-        {
-            (_R.RUNNING, _E.PACKET): (_R.RUNNING, _A.CONTINUE),
-            (_R.RUNNING, _E.SYNC): (_R.AT_SYNC_POSTED, _A.PARK),
-            (_R.RUNNING, _E.EOF): (_R.EOF_SEEN, _A.EXIT),
-            (_R.RUNNING, _E.FINISH): (_R.DRAINING, _A.NONE),
-            (_R.AT_SYNC_POSTED, _E.RELEASE): (_R.RELEASED, _A.NOTIFY),
-            (_R.AT_SYNC_POSTED, _E.FINISH): (_R.DRAINING, _A.NOTIFY),
-            (_R.RELEASED, _E.WAKE): (_R.RUNNING, _A.CONTINUE),
-            (_R.RELEASED, _E.FINISH): (_R.DRAINING, _A.NONE),
-            (_R.DRAINING, _E.WAKE): (_R.DRAINING, _A.CONTINUE),
-            (_R.DRAINING, _E.PACKET): (_R.DRAINING, _A.CONTINUE),
-            (_R.DRAINING, _E.SYNC): (_R.DRAINING, _A.CONTINUE),
-            (_R.DRAINING, _E.EOF): (_R.DONE, _A.EXIT),
-            (_R.DRAINING, _E.FINISH): (_R.DRAINING, _A.NONE),
-            (_R.EOF_SEEN, _E.FINISH): (_R.DONE, _A.NONE),
-            (_R.DONE, _E.FINISH): (_R.DONE, _A.NONE),
-        }
-    )
+    MappingProxyType(_RECV_STEPS)
 )
 """Receive channel: ``(state, event) -> (next state, action)``."""
+
+RECV_QUIET: Final = frozenset(
+    pair
+    for pair, (after, action) in _RECV_STEPS.items()
+    if after is pair[0] and action is RecvAction.CONTINUE
+)
+"""The ``(state, event)`` pairs that change nothing and let the thread read on.
+
+A channel thread may take these without the barrier's lock: the step writes no state and
+wakes nobody, so it is the same as taking it the moment the thread read its state.
+"""
 
 RECV_INITIAL: Final = RecvState.RUNNING
 
@@ -208,6 +218,18 @@ def send_step(state: SendState, event: SendEvent) -> tuple[SendState, SendAction
     """
     try:
         return _SEND_STEPS[state, event]
+    except KeyError:
+        raise IllegalTransitionError(f"{event} is not allowed in state {state}") from None
+
+
+def recv_step(state: RecvState, event: RecvEvent) -> tuple[RecvState, RecvAction]:
+    """:func:`step` on :data:`RECV_TABLE`, without the dispatch.
+
+    Raises:
+        IllegalTransitionError: the event is not allowed in this state.
+    """
+    try:
+        return _RECV_STEPS[state, event]
     except KeyError:
         raise IllegalTransitionError(f"{event} is not allowed in state {state}") from None
 

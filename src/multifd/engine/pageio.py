@@ -82,3 +82,22 @@ def recv_exact(sock: socket.socket, view: memoryview) -> int:
             break
         got += count
     return got
+
+
+def recv_exact_into(sock: socket.socket, views: list[memoryview]) -> int:
+    """Fill every view in turn from ``sock``; fewer bytes than asked only at end of stream.
+
+    One ``recvmsg_into`` gathers a whole packet's runs where the kernel can (MSG_WAITALL).
+    """
+    size = sum(view.nbytes for view in views)
+    got = sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
+    done = got
+    while done < size and got:
+        index = 0
+        while got >= views[index].nbytes:  # drop the views filled completely
+            got -= views[index].nbytes
+            index += 1
+        views = [views[index][got:], *views[index + 1 :]]
+        got = sock.recvmsg_into(views, 0, socket.MSG_WAITALL)[0]
+        done += got
+    return done

@@ -2,9 +2,14 @@
 
 Each channel thread reads packets in order, checks them (spec 3.4 plus page alignment),
 reads page data straight into the destination's RAM and steps the receive handshake of
-:mod:`multifd.engine.handshake`. The main-stream loader meets the threads at every marker
-through :meth:`Receiver.wait_sync`, a two-phase barrier (QEMU ``multifd_recv_sync_main()``,
-spec 6.1). Whatever QEMU 7.2 and later send is accepted: pages inside SYNC packets (applied
+:mod:`multifd.engine.handshake`. The per-packet path is kept short because both ends of a
+migration often share the CPUs: the checks run on the raw header (a packet object is built
+only for a trace hook or an error), a run of consecutive pages is recognised without a loop
+and read with one ``recv_into``, and a step that changes nothing takes no lock.
+
+The main-stream loader meets the threads at every marker through
+:meth:`Receiver.wait_sync`, a two-phase barrier (QEMU ``multifd_recv_sync_main()``, spec
+6.1). Whatever QEMU 7.2 and later send is accepted: pages inside SYNC packets (applied
 before the SYNC is honoured), empty flag-0 packets, stale fields when the counts are zero,
 the same page twice, ``pages_alloc`` from 0 to 128.
 """
@@ -22,12 +27,20 @@ import numpy as np
 from multifd.compression import Decompressor, decompressor, flag_of
 from multifd.engine.handshake import (
     RECV_INITIAL,
+    RECV_QUIET,
     RecvAction,
     RecvEvent,
     RecvState,
-    step,
+    recv_step,
 )
-from multifd.engine.pageio import Offsets, channel_io, page_runs, recv_exact
+from multifd.engine.pageio import (
+    Offsets,
+    channel_error,
+    channel_io,
+    page_runs,
+    recv_exact,
+    recv_exact_into,
+)
 from multifd.engine.shutdown import Shutdown, Stoppable
 from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
@@ -44,17 +57,30 @@ from multifd.transport import set_io_timeout
 from multifd.wire.constants import (
     INIT_PACKET_SIZE,
     MAX_COMPRESSED_PAYLOAD,
+    MULTIFD_FLAG_COMPRESSION_MASK,
+    MULTIFD_FLAG_SYNC,
     PACKET_FIXED_SIZE,
     PACKET_HEADER_SIZE,
     PAGE_SHIFT,
+    PAGE_SIZE,
     UUID_SIZE,
 )
-from multifd.wire.packets import InitPacket, RamPacket
+from multifd.wire.packets import (
+    RAMBLOCK_AT,
+    InitPacket,
+    RamPacket,
+    consecutive_from,
+    offsets_view,
+    pages_inside,
+    unpack_counts,
+)
 
 # Parked threads and the loader re-check for shutdown this often even without a notify.
 _POLL: Final = 0.25
 _MAX_CHANNELS: Final = 256  # the init packet's id is one byte
 _FINISHED: Final = frozenset({RecvState.EOF_SEEN, RecvState.DONE})
+_PAGE_MASK: Final = PAGE_SIZE - 1
+_MAX_CACHED_BLOCKS: Final = 64
 
 
 class _RecvChannel:
@@ -68,13 +94,16 @@ class _RecvChannel:
         self.sock = sock
         self.log = logging.getLogger(f"multifd.recv.ch{index}")
         self.thread = threading.Thread(target=self._run, name=f"recv-{self.name}")
-        # Guarded by owner.cond.
+        # Written under owner.cond. The channel thread alone reads it without the lock, to
+        # take a RECV_QUIET step (one that writes nothing: see handshake.RECV_QUIET).
         self.state: RecvState = RECV_INITIAL
         # Owned by the channel thread.
         self.decompressor: Decompressor | None = decompressor(owner.compression)
         self.header = bytearray(PACKET_HEADER_SIZE)
         self.header_view = memoryview(self.header)
+        self.offsets = offsets_view(self.header)  # follows every header read into it
         self.payload = memoryview(bytearray(MAX_COMPRESSED_PAYLOAD if self.decompressor else 0))
+        self.blocks: dict[bytes, RamBlock] = {}  # raw ramblock field -> block, hits only
         self.counters = Counters(self.name)
         self.counters.bytes = INIT_PACKET_SIZE
 
@@ -93,34 +122,40 @@ class _RecvChannel:
     def _handle_packet(self) -> bool:
         """Read, check and apply one packet, then step the barrier; False to stop."""
         got = self._read_header()
-        if got == 0:
-            self._transition(RecvEvent.EOF)
-            return False
-        if got < PACKET_HEADER_SIZE:
+        if got != PACKET_HEADER_SIZE:
+            if got == 0:
+                self._transition(RecvEvent.EOF)
+                return False
             raise ProtocolError(
                 "unexpected EOF in packet header",
                 channel=self.name,
                 expected=f"{PACKET_HEADER_SIZE} bytes",
                 received=f"{got} bytes",
             )
-        packet = RamPacket.unpack(self.header_view, channel=self.name)
-        size = self._apply(packet) if packet.page_count else 0
-        self.counters.count(
-            pages=packet.normal_pages,
-            zero_pages=packet.zero_pages,
-            sync=packet.is_sync,
-            size=PACKET_HEADER_SIZE + size,
-        )
-        emit(self.owner.trace, "recv", self.name, packet=packet)
+        flags, normal, zero, next_size = unpack_counts(self.header, channel=self.name)
+        size = self._apply(flags, normal, zero, next_size) if normal or zero else 0
+        sync = flags & MULTIFD_FLAG_SYNC
+        counters = self.counters
+        counters.packets += 1
+        counters.sync_packets += bool(sync)
+        counters.pages += normal
+        counters.zero_pages += zero
+        counters.bytes += PACKET_HEADER_SIZE + size
+        if self.owner.trace is not None:
+            packet = RamPacket.unpack(self.header_view, channel=self.name)
+            emit(self.owner.trace, "recv", self.name, packet=packet)
         # Pages, even those inside an old sender's SYNC packet, are applied by now.
-        action = self._transition(RecvEvent.SYNC if packet.is_sync else RecvEvent.PACKET)
+        event = RecvEvent.SYNC if sync else RecvEvent.PACKET
+        if (self.state, event) in RECV_QUIET:
+            return True
+        action = self._transition(event)
         if action is RecvAction.PARK:
             return self._park()
         return action is RecvAction.CONTINUE
 
     def _transition(self, event: RecvEvent) -> RecvAction:
         with self.owner.cond:
-            self.state, action = step(self.state, event)
+            self.state, action = recv_step(self.state, event)
             if action is RecvAction.PARK or event is RecvEvent.EOF:
                 self.owner.cond.notify_all()  # the loader may wait for this channel
         return action
@@ -133,30 +168,71 @@ class _RecvChannel:
                 if self.owner.shutdown.exiting:
                     return False
                 cond.wait(_POLL)  # notified by wait_sync(), finish() and the shutdown path
-            self.state, action = step(self.state, RecvEvent.WAKE)
+            self.state, action = recv_step(self.state, RecvEvent.WAKE)
         return action is RecvAction.CONTINUE and not self.owner.shutdown.exiting
 
     def _read_header(self) -> int:
         """Bytes of the next header read: 0 at end of stream, short inside a packet."""
         view = self.header_view
         got = 0
-        with channel_io(self.name, "read", self.owner.io_timeout):
-            while got < PACKET_HEADER_SIZE:
-                try:
-                    count = self.sock.recv_into(view[got:] if got else view)
-                except (TimeoutError, BlockingIOError):
-                    # Between packets a channel may idle as long as the source likes.
-                    if got or self.owner.shutdown.exiting:
-                        raise
-                    continue
-                if count == 0:
-                    break
-                got += count
+        while got < PACKET_HEADER_SIZE:
+            try:
+                count = self.sock.recv_into(
+                    view[got:] if got else view, PACKET_HEADER_SIZE - got, socket.MSG_WAITALL
+                )
+            except (TimeoutError, BlockingIOError) as exc:
+                # Between packets a channel may idle as long as the source likes.
+                if got or self.owner.shutdown.exiting:
+                    raise self._io_error(exc) from exc
+                continue
+            except OSError as exc:
+                raise self._io_error(exc) from exc
+            if count == 0:
+                break
+            got += count
         return got
 
+    def _io_error(self, exc: OSError) -> ChannelError:
+        return channel_error(exc, self.name, "read", self.owner.io_timeout)
+
     # -- pages -----------------------------------------------------------------------------
-    def _apply(self, packet: RamPacket) -> int:
-        """Apply the pages of ``packet``; returns the payload bytes read."""
+    def _apply(self, flags: int, normal: int, zero: int, next_size: int) -> int:
+        """Apply the pages of the packet in ``header``; returns the payload bytes read."""
+        block = self._block()
+        count = normal + zero
+        first = consecutive_from(self.header, count)
+        offsets: Offsets | None = None
+        if first is None or first & _PAGE_MASK or first + count * PAGE_SIZE > block.size:
+            offsets = self._checked_offsets(block, count)
+            first = 0
+        size = 0
+        if normal:
+            if flags & MULTIFD_FLAG_COMPRESSION_MASK != self.owner.flag:
+                raise ProtocolError(
+                    "packet compression method",
+                    channel=self.name,
+                    expected=f"{self.owner.flag:#x} ({self.owner.compression})",
+                    received=f"{flags & MULTIFD_FLAG_COMPRESSION_MASK:#x}",
+                )
+            if self.decompressor is None:
+                size = self._read_runs(_runs(block, first, normal, offsets), normal * PAGE_SIZE)
+            else:
+                size = self._read_compressed(_pages(block, first, normal, offsets), next_size)
+        if zero:
+            if offsets is None:
+                first_page = first >> PAGE_SHIFT
+                block.pages[first_page + normal : first_page + count] = 0
+            else:
+                block.pages[offsets[normal:] >> PAGE_SHIFT] = 0
+        return size
+
+    def _block(self) -> RamBlock:
+        """The block the header names (spec 3.4: an unknown block fails the channel)."""
+        raw = self.header_view[RAMBLOCK_AT:PACKET_FIXED_SIZE].tobytes()
+        block = self.blocks.get(raw)
+        if block is not None:
+            return block
+        packet = RamPacket.unpack(self.header_view, channel=self.name)  # checks the name
         block = self.owner.ram.get(packet.ramblock)
         if block is None:
             raise ProtocolError(
@@ -165,54 +241,50 @@ class _RecvChannel:
                 expected=f"one of {[b.name for b in self.owner.ram]}",
                 received=repr(packet.ramblock),
             )
-        packet.check_offsets(block.size, channel=self.name)
-        offsets: Offsets = np.frombuffer(
-            self.header, dtype=">u8", count=packet.page_count, offset=PACKET_FIXED_SIZE
-        ).astype(np.int64)
-        normal = packet.normal_pages
-        size = 0
-        if normal:
-            if packet.method != self.owner.flag:
-                raise ProtocolError(
-                    "packet compression method",
-                    channel=self.name,
-                    expected=f"{self.owner.flag:#x} ({self.owner.compression})",
-                    received=f"{packet.method:#x}",
-                )
-            size = self._read_pages(packet, block, offsets[:normal])
-        if packet.zero_pages:
-            block.pages[offsets[normal:] >> PAGE_SHIFT] = 0
-        return size
+        if len(self.blocks) >= _MAX_CACHED_BLOCKS:
+            self.blocks.clear()  # names padded with garbage must not grow it without bound
+        self.blocks[raw] = block
+        return block
 
-    def _read_pages(self, packet: RamPacket, block: RamBlock, offsets: Offsets) -> int:
-        if self.decompressor is None:
-            # nocomp: next_packet_size is not trusted; the page count says it all.
-            runs = page_runs(offsets)
-            total = sum(length for _, length in runs)
-            done = 0
-            for start, length in runs:
-                with channel_io(self.name, "read", self.owner.io_timeout):
-                    got = recv_exact(self.sock, block.view[start : start + length])
-                done += got
-                if got < length:
-                    self._eof_in_payload(total, done)
-            return total
-        size = packet.next_packet_size
-        if size > MAX_COMPRESSED_PAYLOAD:
+    def _checked_offsets(self, block: RamBlock, count: int) -> Offsets:
+        """The packet's offsets, each one checked to name a whole page of ``block``."""
+        offsets = self.offsets[:count]
+        if not pages_inside(offsets, block.size):
+            packet = RamPacket.unpack(self.header_view, channel=self.name)
+            packet.check_offsets(block.size, channel=self.name)  # says which one is bad
+        return offsets.astype(np.int64)
+
+    def _read_runs(self, runs: list[memoryview], total: int) -> int:
+        # nocomp: next_packet_size is not trusted; the page count says it all.
+        try:
+            if len(runs) == 1:
+                got = recv_exact(self.sock, runs[0])
+            else:
+                got = recv_exact_into(self.sock, runs)
+        except OSError as exc:
+            raise self._io_error(exc) from exc
+        if got < total:
+            self._eof_in_payload(total, got)
+        return total
+
+    def _read_compressed(self, pages: list[memoryview], next_size: int) -> int:
+        assert self.decompressor is not None
+        if next_size > MAX_COMPRESSED_PAYLOAD:
             raise ProtocolError(
                 "next_packet_size",
                 channel=self.name,
                 expected=f"<= {MAX_COMPRESSED_PAYLOAD}",
-                received=size,
+                received=next_size,
             )
-        payload = self.payload[:size]
-        with channel_io(self.name, "read", self.owner.io_timeout):
+        payload = self.payload[:next_size]
+        try:
             got = recv_exact(self.sock, payload)
-        if got < size:
-            self._eof_in_payload(size, got)
-        pages = [block.page_view(offset) for offset in offsets.tolist()]
+        except OSError as exc:
+            raise self._io_error(exc) from exc
+        if got < next_size:
+            self._eof_in_payload(next_size, got)
         self.decompressor.decompress_into(payload, pages, channel=self.name)
-        return size
+        return next_size
 
     def _eof_in_payload(self, expected: int, received: int) -> None:
         raise ProtocolError(
@@ -221,6 +293,27 @@ class _RecvChannel:
             expected=f"{expected} bytes",
             received=f"{received} bytes",
         )
+
+
+def _runs(block: RamBlock, first: int, normal: int, offsets: Offsets | None) -> list[memoryview]:
+    """Views of the block for the runs of the ``normal`` pages with data.
+
+    ``offsets`` None: the pages are the one run from ``first`` (consecutive_from() said so).
+    """
+    view = block.view
+    if offsets is None:
+        return [view[first : first + normal * PAGE_SIZE]]
+    return [view[start : start + length] for start, length in page_runs(offsets[:normal])]
+
+
+def _pages(block: RamBlock, first: int, normal: int, offsets: Offsets | None) -> list[memoryview]:
+    """Views of the block, one per page with data, in header order (``offsets`` as in _runs)."""
+    view = block.view
+    if offsets is None:
+        starts = range(first, first + normal * PAGE_SIZE, PAGE_SIZE)
+    else:
+        starts = offsets[:normal].tolist()
+    return [view[start : start + PAGE_SIZE] for start in starts]
 
 
 class Receiver(Stoppable):
@@ -376,7 +469,7 @@ class Receiver(Stoppable):
     def _release_all(self) -> None:
         for channel in self._channels:
             assert channel is not None
-            channel.state, _ = step(channel.state, RecvEvent.RELEASE)
+            channel.state, _ = recv_step(channel.state, RecvEvent.RELEASE)
         self.cond.notify_all()  # the NOTIFY action, once for all
 
     def _not_at_sync(self) -> list[str]:
@@ -400,7 +493,7 @@ class Receiver(Stoppable):
             missing = [multifd_channel(i) for i, c in enumerate(self._channels) if c is None]
             if not missing:
                 for channel in self._live_channels():
-                    channel.state, _ = step(channel.state, RecvEvent.FINISH)
+                    channel.state, _ = recv_step(channel.state, RecvEvent.FINISH)
                 self.cond.notify_all()
         if missing:
             problem = ChannelError(f"{', '.join(missing)} never connected", channel=missing[0])

@@ -72,6 +72,24 @@ assert HEADER_DTYPE.fields is not None
 assert HEADER_DTYPE.fields["flags"][1] == _COUNTS_AT
 
 
+# magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num, zero_pages:
+# what a receiver reads of every header before it knows whether the packet has pages.
+_FIXED: Final = struct.Struct(">IIIIIIQI")
+RAMBLOCK_AT: Final = _FIXED.size + 4 + 24  # after unused32 and unused64[3]
+assert HEADER_DTYPE.fields["ramblock"][1] == RAMBLOCK_AT
+_LANE: Final = 64  # bits per offset
+# For k consecutive pages from `first`, the offset array read as one big-endian integer is
+# first * _ONES[k] + _RAMP[k]: lane i holds first + i * PAGE_SIZE (no lane overflows as long
+# as the last offset fits in 64 bits).
+_ONES: Final = [
+    int.from_bytes(np.ones(k, dtype=">u8").tobytes(), "big") for k in range(PAGES_PER_PACKET + 1)
+]
+_RAMP: Final = [
+    int.from_bytes((np.arange(k, dtype=np.uint64) * PAGE_SIZE).astype(">u8").tobytes(), "big")
+    for k in range(PAGES_PER_PACKET + 1)
+]
+
+
 def _encode_name(name: str) -> bytes:
     raw = name.encode()
     if len(raw) >= RAMBLOCK_NAME_SIZE:
@@ -333,3 +351,65 @@ class RamPacket:
                     expected=f"a multiple of {PAGE_SIZE}",
                     received=f"{offset:#x}",
                 )
+
+
+# -- the receiver's per-packet fast path ----------------------------------------------------
+# RamPacket.unpack builds an object and a tuple of 128 ints per packet; a receiver moving
+# gigabytes checks the same things from the raw header instead, and falls back to
+# RamPacket for the error (so every message stays the one RamPacket raises) and for traces.
+
+
+def unpack_counts(
+    header: bytes | bytearray | memoryview, *, channel: str
+) -> tuple[int, int, int, int]:
+    """``flags, normal_pages, zero_pages, next_packet_size`` of a full 1344-byte header.
+
+    Checks what :meth:`RamPacket.unpack` checks before the block name (spec 3.4): magic,
+    version, no DEVICE_STATE, ``pages_alloc`` and both counts.
+
+    Raises:
+        ProtocolError: as :meth:`RamPacket.unpack` would, with the same message.
+    """
+    magic, version, flags, alloc, normal, next_size, _num, zero = _FIXED.unpack_from(header)
+    if (
+        magic == MULTIFD_MAGIC
+        and version == MULTIFD_VERSION
+        and not flags & MULTIFD_FLAG_DEVICE_STATE
+        and normal + zero <= alloc <= PAGES_PER_PACKET
+    ):
+        return flags, normal, zero, next_size
+    RamPacket.unpack(memoryview(header), channel=channel)
+    raise AssertionError("RamPacket.unpack accepted a header unpack_counts refused")
+
+
+def offsets_view(header: bytearray) -> npt.NDArray[np.uint64]:
+    """The 128 offsets of ``header`` as a big-endian array sharing its memory."""
+    return np.frombuffer(header, dtype=">u8", count=PAGES_PER_PACKET, offset=PACKET_FIXED_SIZE)
+
+
+def consecutive_from(header: bytes | bytearray | memoryview, count: int) -> int | None:
+    """The first offset if the first ``count`` offsets are consecutive ascending pages.
+
+    None when they are not (or when ``count`` is 0). Says nothing about alignment or
+    range: the caller checks the first offset and the last.
+    """
+    if not count:
+        return None
+    first = int.from_bytes(header[PACKET_FIXED_SIZE : PACKET_FIXED_SIZE + 8], "big")
+    if (first + (count - 1) * PAGE_SIZE) >> _LANE:
+        return None  # a lane would carry into the next one
+    end = PACKET_FIXED_SIZE + 8 * count
+    packed = int.from_bytes(header[PACKET_FIXED_SIZE:end], "big")
+    return first if packed == first * _ONES[count] + _RAMP[count] else None
+
+
+def pages_inside(offsets: npt.NDArray[np.uint64], block_size: int) -> bool:
+    """Whether every offset names a whole page inside a block of ``block_size`` bytes.
+
+    The vectorised form of :meth:`RamPacket.check_offsets`, which says which offset is bad.
+    """
+    if not len(offsets):
+        return True
+    if int(np.bitwise_or.reduce(offsets)) & (PAGE_SIZE - 1):
+        return False
+    return int(np.maximum.reduce(offsets)) <= block_size - PAGE_SIZE
