@@ -562,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 MiB, one run, fewer rows")
     parser.add_argument("--repeat", type=int, default=None, help="runs per row (default 3)")
     parser.add_argument("--no-save", action="store_true", help="print only")
+    parser.add_argument(
+        "--rows", nargs="+", metavar="TEXT", help="only the rows whose name contains a TEXT"
+    )
     parser.add_argument("--raw-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--send-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--channels", type=int, default=2, help=argparse.SUPPRESS)
@@ -588,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [Row(name, target=target) for name, _, target in ROWS]
         if args.quick:
             rows = [row for row in rows if row.name != "Python -> Python, 4 ch"]
+        if args.rows:
+            rows = [row for row in rows if any(part in row.name for part in args.rows)]
         measure(setup, rows, args.repeat or (1 if args.quick else 3))
     markdown, data = report(rows, size, startup)
     print(markdown)

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from typing import Final
+from uuid import UUID
 
 import numpy as np
 
@@ -399,8 +400,8 @@ class Receiver(Stoppable):
             raise ProtocolError(
                 "init packet uuid",
                 channel=name,
-                expected=self.uuid.hex(),
-                received=init.uuid.hex(),
+                expected=UUID(bytes=self.uuid),
+                received=UUID(bytes=init.uuid),
             )
         if init.channel_id >= self.channels:
             raise ProtocolError(
