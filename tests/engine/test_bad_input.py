@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import uuid as uuidlib
 
 import pytest
 
@@ -82,7 +83,13 @@ def bad_version_init() -> bytes:
     [
         (bad_magic_init(), "init packet magic", "multifd/?", "0x11223344", "0xdeadbeef"),
         (bad_version_init(), "init packet version", "multifd/?", 1, 2),
-        (InitPacket(0, bytes(16)).pack(), "init packet uuid", "multifd/0", UUID.hex(), "00" * 16),
+        (
+            InitPacket(0, bytes(16)).pack(),
+            "init packet uuid",
+            "multifd/0",
+            str(uuidlib.UUID(bytes=UUID)),
+            "00000000-0000-0000-0000-000000000000",
+        ),
         (InitPacket(2, UUID).pack(), "init packet channel id", "multifd/2", "< 2", 2),
         (InitPacket(0, UUID).pack()[:10], "truncated init packet", "multifd/?", 64, 10),
     ],
