@@ -77,6 +77,20 @@ def test_live_send_stops_the_writer_and_delivers_its_last_state(tmp_path: Path) 
         assert np.frombuffer(frozen, dtype=np.uint64).reshape(PAGES, -1)[:, 1].any()
 
 
+def test_resume_source_continues_the_writer_after_success(tmp_path: Path) -> None:
+    image = _image(tmp_path / "ram.img")
+    with writer_process(image) as writer:
+        proc, address = _receiver("--channels", "2")
+        sent = subprocess.run(
+            [*CLI, "send", address, "--block", f"mem={image}", "--live",
+             "--pause-pid", str(writer.pid), "--resume-source"],
+            capture_output=True, text=True, timeout=BOUND, check=False,
+        )  # fmt: skip
+        proc.communicate(timeout=BOUND)
+        assert sent.returncode == 0, sent.stderr
+        assert _state(writer.pid) not in ("T", "t")
+
+
 def test_a_failed_live_send_lets_the_writer_run_again(tmp_path: Path) -> None:
     image = _image(tmp_path / "ram.img")
     with writer_process(image) as writer:
