@@ -29,6 +29,15 @@ def _fail(exc: BaseException) -> NoReturn:
     sys.exit(1)
 
 
+DOWNTIME_LIMIT = click.option(
+    "--downtime-limit",
+    type=click.FloatRange(min=0.001),
+    default=300.0,
+    show_default=True,
+    help="Milliseconds the switchover may take (QEMU's downtime-limit default).",
+)
+
+
 def _channels_option() -> Callable[[Callable[..., None]], Callable[..., None]]:
     return click.option(
         "--channels",
@@ -153,13 +162,7 @@ def receive(
 @click.option(
     "--resume-source", is_flag=True, help="Continue the --pause-pid process after success too."
 )
-@click.option(
-    "--downtime-limit",
-    type=click.FloatRange(min=0.001),
-    default=300.0,
-    show_default=True,
-    help="Milliseconds the last pass may take (QEMU's default).",
-)
+@DOWNTIME_LIMIT
 @click.option(
     "--max-bandwidth", default=None, metavar="BYTES", help="Bytes per second at most, e.g. 100M."
 )
@@ -279,13 +282,7 @@ def _split_block(spec: str) -> tuple[str, str]:
 )
 @click.option("--hot-fraction", type=click.FloatRange(0, 1), default=0.8, show_default=True)
 @click.option("--zero-fraction", type=click.FloatRange(0, 1), default=0.3, show_default=True)
-@click.option(
-    "--downtime-limit",
-    type=click.FloatRange(min=0.001),
-    default=300.0,
-    show_default=True,
-    help="Milliseconds.",
-)
+@DOWNTIME_LIMIT
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
