@@ -506,61 +506,6 @@ def _peek_exactly(sock: socket.socket, size: int, timeout: float) -> bytes:
 
 
 # -- data transfer ---------------------------------------------------------------------------
-def recv_exactly(sock: socket.socket, view: memoryview, *, channel: str) -> None:
-    """Fill ``view`` from ``sock``, however the bytes are split into segments.
-
-    Raises:
-        ProtocolError: the stream ended first (``what="unexpected EOF (bytes)"``,
-            ``expected`` = ``len(view)``, ``received`` = bytes read before EOF, ints). A
-            short stream is bad input from the peer, not a transport failure.
-        ChannelError: a socket error or a socket timeout, naming ``channel``.
-    """
-    if not recv_exactly_or_eof(sock, view, channel=channel) and view.nbytes:
-        raise ProtocolError(
-            "unexpected EOF (bytes)", channel=channel, expected=view.nbytes, received=0
-        )
-
-
-def recv_exactly_or_eof(sock: socket.socket, view: memoryview, *, channel: str) -> bool:
-    """Like :func:`recv_exactly`, but EOF before the first byte returns ``False``.
-
-    This is how a receiver sees the clean end of a channel: EOF exactly at a packet
-    boundary is a stop, EOF inside a packet is an error (spec section 8).
-
-    Raises:
-        ProtocolError: EOF after some but not all bytes.
-        ChannelError: a socket error or a socket timeout, naming ``channel``.
-    """
-    got = _fill(sock, view, channel)
-    if got == 0 and view.nbytes:
-        return False
-    if got != view.nbytes:
-        raise ProtocolError(
-            "unexpected EOF (bytes)", channel=channel, expected=view.nbytes, received=got
-        )
-    return True
-
-
-def _fill(sock: socket.socket, view: memoryview, channel: str) -> int:
-    """Read into ``view`` until it is full or EOF; the count of bytes read."""
-    view = _as_bytes(view)
-    size = view.nbytes
-    got = 0
-    try:
-        while got < size:
-            # MSG_WAITALL lets the kernel gather a whole packet into one call: fewer
-            # round trips through the interpreter and the GIL per packet.
-            count = sock.recv_into(view[got:], size - got, socket.MSG_WAITALL)
-            if count == 0:
-                break
-            got += count
-    except OSError as exc:
-        raise ChannelError(
-            f"receive failed after {got} of {size} bytes: {_reason(exc)}", channel=channel
-        ) from exc
-    return got
-
-
 def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], *, channel: str) -> int:
     """Send ``buffers`` back to back, with one ``sendmsg`` per call when the kernel takes all.
 

@@ -363,9 +363,7 @@ def test_classify_multifd(pair: tuple[socket.socket, socket.socket]) -> None:
     init = InitPacket(channel_id=2).pack()
     client.sendall(init)
     assert transport.classify(server, timeout=WAIT) == "multifd"
-    view = memoryview(bytearray(len(init)))
-    transport.recv_exactly(server, view, channel="multifd/?")
-    assert view == init
+    assert server.recv(len(init), socket.MSG_WAITALL) == init  # classify() consumed nothing
 
 
 def test_classify_magic_arriving_in_pieces(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -411,116 +409,15 @@ def test_classify_timeout_is_bounded(
     assert 0.04 <= time.monotonic() - start < WAIT
 
 
-# -- recv_exactly ----------------------------------------------------------------------------
-class PieceSocket:
-    """Stands in for a socket whose recv_into delivers ``pieces`` one per call, then EOF."""
-
-    def __init__(self, pieces: Sequence[bytes]) -> None:
-        self.pieces = list(pieces)
-        self.calls = 0
-
-    def recv_into(self, buffer: memoryview, nbytes: int = 0, flags: int = 0) -> int:
-        self.calls += 1
-        if not self.pieces:
-            return 0
-        piece = self.pieces.pop(0)
-        assert len(piece) <= nbytes <= len(buffer)
-        buffer[: len(piece)] = piece
-        return len(piece)
-
-
-def test_recv_exactly_joins_pieces() -> None:
-    data = bytes(range(256)) * 4
-    cuts = [1, 2, 300, 301, 700, 1023]
-    pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
-    fake = PieceSocket(pieces)
-    view = memoryview(bytearray(len(data)))
-    transport.recv_exactly(cast(socket.socket, fake), view, channel="multifd/1")
-    assert view == data
-    assert fake.calls == len(pieces)
-
-
-def test_recv_exactly_over_a_socket_written_in_pieces(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    client, server = pair
-    rng = random.Random(7)
-    data = rng.randbytes(1 << 20)
-
-    def write() -> None:
-        at = 0
-        while at < len(data):
-            step = rng.choice([1, 3, 4096, 65537])
-            client.sendall(data[at : at + step])
-            at += step
-
-    writer = Background(write)
-    view = memoryview(bytearray(len(data)))
-    transport.recv_exactly(server, view, channel="main")
-    writer.result()
-    assert view == data
-
-
-def test_recv_exactly_into_numpy_pages(pair: tuple[socket.socket, socket.socket]) -> None:
-    client, server = pair
-    pages = np.zeros((3, 4096), dtype=np.uint8)
-    data = random.Random(1).randbytes(pages.nbytes)
-    writer = Background(lambda: client.sendall(data))
-    transport.recv_exactly(server, pages.data, channel="multifd/0")
-    writer.result()
-    assert pages.tobytes() == data
-
-
-def test_recv_exactly_eof_midway_is_a_protocol_error() -> None:
-    fake = PieceSocket([b"abc", b"de"])
-    with pytest.raises(ProtocolError, match="unexpected EOF") as info:
-        transport.recv_exactly(cast(socket.socket, fake), memoryview(bytearray(8)), channel="main")
-    assert (info.value.channel, info.value.expected, info.value.received) == ("main", 8, 5)
-
-
-def test_recv_exactly_or_eof_tells_clean_end_from_truncation() -> None:
-    view = memoryview(bytearray(4))
-    assert not transport.recv_exactly_or_eof(
-        cast(socket.socket, PieceSocket([])), view, channel="c"
-    )
-    assert transport.recv_exactly_or_eof(
-        cast(socket.socket, PieceSocket([b"ab", b"cd"])), view, channel="c"
-    )
-    assert view.tobytes() == b"abcd"
-    with pytest.raises(ProtocolError) as info:
-        transport.recv_exactly_or_eof(cast(socket.socket, PieceSocket([b"a"])), view, channel="c")
-    assert (info.value.expected, info.value.received) == (4, 1)
-
-
-def test_recv_exactly_socket_timeout_is_a_channel_error(
-    pair: tuple[socket.socket, socket.socket],
-) -> None:
-    client, server = pair
-    client.sendall(b"xy")
-    server.settimeout(0.05)
-    with pytest.raises(ChannelError, match="receive failed after 2 of 4 bytes") as info:
-        transport.recv_exactly(server, memoryview(bytearray(4)), channel="multifd/5")
-    assert info.value.channel == "multifd/5"
-    assert isinstance(info.value.__cause__, TimeoutError)
-
-
-def test_recv_on_closed_socket_is_a_channel_error() -> None:
-    left, right = socket.socketpair()
-    right.close()
-    left.close()
-    with pytest.raises(ChannelError) as info:
-        transport.recv_exactly(left, memoryview(bytearray(1)), channel="main")
-    assert isinstance(info.value.__cause__, OSError)
-
-
+# -- teardown --------------------------------------------------------------------------------
 def test_shutdown_quietly_wakes_a_blocked_receiver(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     _, server = pair
     view = memoryview(bytearray(16))
-    waiter = Background(lambda: transport.recv_exactly_or_eof(server, view, channel="multifd/0"))
+    waiter = Background(lambda: server.recv_into(view))
     transport.shutdown_quietly(server)
-    assert waiter.result() is False
+    assert waiter.result() == 0  # woken: end of stream
     transport.shutdown_quietly(server)  # twice, and on a closed socket: no error
     transport.close_quietly(server)
     transport.shutdown_quietly(server)
