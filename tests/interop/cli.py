@@ -69,9 +69,11 @@ def receive_args(
     uuid: str | None = None,
     json_out: bool = True,
     prealloc: dict[str, int] | None = None,
+    compression: str = "none",
 ) -> list[str]:
     """Arguments of ``multifd receive``."""
     args = ["receive", address, "--channels", str(channels), "--output", str(output)]
+    args += ["--compression", compression] if compression != "none" else []
     args += ["--uuid", uuid] if uuid else []
     for name, size in (prealloc or {}).items():
         args += ["--prealloc", f"{name}={size}"]
@@ -86,9 +88,13 @@ def send_args(
     peer: str = "native",
     uuid: str | None = None,
     json_out: bool = True,
+    compression: str = "none",
+    level: int | None = None,
 ) -> list[str]:
     """Arguments of ``multifd send``."""
     args = ["send", address, "--channels", str(channels), "--peer", peer]
+    args += ["--compression", compression] if compression != "none" else []
+    args += ["--level", str(level)] if level is not None else []
     for name, path in blocks.items():
         args += ["--block", f"{name}={path}"]
     args += ["--uuid", uuid] if uuid else []

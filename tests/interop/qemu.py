@@ -24,7 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Coroutine, Iterable, Iterator, Mapping
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -137,6 +137,7 @@ class QemuVm:
         binary: str = QEMU_BINARY,
         scratch_parent: Path | None = None,
         timeout: float = 10.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         """Describe a VM; :meth:`start` (or ``with``) runs it.
 
@@ -152,6 +153,8 @@ class QemuVm:
             binary: the QEMU executable.
             scratch_parent: where the scratch directory goes (default: the temp dir).
             timeout: the bound on starting QEMU and on every QMP command.
+            extra_args: appended to the command line as given, e.g.
+                ``("-global", "migration.send-switchover-start=off")``.
         """
         self.size: Final = size
         self.name: Final = name
@@ -159,6 +162,7 @@ class QemuVm:
         self.uuid: Final = uuid
         self._flags = {"incoming": incoming, "paused": paused, "prealloc": prealloc}
         self._binary = binary
+        self._extra_args = tuple(extra_args)
         self._scratch = Path(tempfile.mkdtemp(prefix=f"qemu-{name}-", dir=scratch_parent))
         self.ram_path: Final = ram_file if ram_file is not None else self._scratch / "ram"
         self.log_path: Final = self._scratch / "qemu.log"
@@ -194,7 +198,7 @@ class QemuVm:
         args += ["-uuid", self.uuid] if self.uuid else []
         args += ["-incoming", "defer"] if flags["incoming"] else []
         args += ["-S"] if flags["paused"] else []
-        return args
+        return args + list(self._extra_args)
 
     def start(self) -> None:
         """Start QEMU and connect QMP; raises :class:`QemuError` if QEMU does not come up."""
@@ -299,16 +303,31 @@ class QemuVm:
         """``migrate-set-parameters``; ``multifd_channels`` means ``multifd-channels``."""
         self.execute("migrate-set-parameters", **{_kebab(k): v for k, v in params.items()})
 
-    def configure(self, channels: int, *, max_bandwidth: int | None = None) -> None:
+    def configure(
+        self,
+        channels: int,
+        *,
+        max_bandwidth: int | None = None,
+        compression: str = "none",
+        level: int | None = None,
+    ) -> None:
         """Multifd with ``channels`` channels, or plain migration when ``channels`` is 0.
 
         Args:
             channels: the multifd channel count; 0 switches multifd off.
             max_bandwidth: bytes per second; None keeps QEMU's default (128 MiB/s in 7.2,
                 which would make every source the bottleneck).
+            compression: ``multifd-compression`` (``none``, ``zlib`` or ``zstd``); only
+                set when it is not ``none``, so QEMU's default stays untouched otherwise.
+            level: ``multifd-zlib-level`` or ``multifd-zstd-level`` (by ``compression``);
+                None keeps QEMU's default.
         """
         self.set_capabilities(multifd=channels > 0)
         params: dict[str, Any] = {"multifd-channels": channels} if channels else {}
+        if compression != "none":
+            params["multifd-compression"] = compression
+        if level is not None:
+            params[f"multifd-{compression}-level"] = level
         if max_bandwidth is not None:
             params["max-bandwidth"] = max_bandwidth
         if params:
