@@ -158,6 +158,7 @@ def receive(
     setup_timeout: float = 60.0,
     limits: ReceiveLimits | None = None,
     prealloc: Mapping[str, int] | None = None,
+    into: Ram | None = None,
     on_listening: Callable[[str], None] | None = None,
     trace: TraceHook | None = None,
 ) -> Received:
@@ -176,10 +177,14 @@ def receive(
         trace: sees every packet and marker received.
         prealloc: block names and sizes to allocate and pre-fault before listening, as a
             QEMU destination is started with its RAM; the source must announce exactly these.
+        into: receive into these existing blocks instead (the source must announce exactly
+            them); they stay the caller's to close, also on failure.
 
     Returns:
         The statistics and the blocks; the caller closes ``ram`` when done.
     """
+    if into is not None and (prealloc or output is not None):
+        raise ConfigError("into= replaces prealloc= and output=")
     destination = Destination(
         channels=check_channels(channels),
         output=Path(output) if output is not None else None,
@@ -192,13 +197,16 @@ def receive(
     )
     listen_at = transport.parse_address(address)
     try:
-        if prealloc:
+        if into is not None:
+            destination.adopt(into)
+        elif prealloc:
             destination.preallocate(prealloc)
         with transport.listen(listen_at) as listener:
             if on_listening is not None:
                 on_listening(str(listener.address))
             stats = destination.run(listener)
     except BaseException:
-        destination.ram.close()
+        if into is None:
+            destination.ram.close()
         raise
     return Received(stats=stats, ram=destination.ram)

@@ -417,6 +417,17 @@ class Destination:
             self.ram.add(block)
         self._preallocated = tuple(blocks.items())
 
+    def adopt(self, ram: Ram) -> None:
+        """Receive into ``ram``, the caller's blocks, whatever they hold now.
+
+        The source must announce exactly these blocks. Every page the source sends is written,
+        zero pages included, so old content never survives a completed migration.
+        """
+        if len(self.ram):
+            raise ConfigError("the destination already has its blocks")
+        self.ram = ram
+        self._preallocated = tuple((block.name, block.size) for block in ram)
+
     def _new_block(self, name: str, size: int) -> RamBlock:
         if self.output is None:
             return RamBlock.anonymous(name, size)
