@@ -37,9 +37,10 @@ interop: $(STAMP) qemu10
 test: lint typecheck qemu10
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP) qemu10
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/convergence.py
+	$(PY) benchmarks/mixed.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache
