@@ -65,6 +65,7 @@ from throughput import (
     _seconds,
     machine,
     parse_size,
+    run_send_worker,
 )
 
 import multifd
@@ -221,24 +222,8 @@ def _receiver(
 
 def _send(setup: Setup, uri: str, channels: int, method: str) -> float:
     """Run ``multifd.send()`` in a started, idle worker process; returns the start time."""
-    worker = subprocess.Popen(
-        [sys.executable, __file__, "--send-worker", str(setup.image), "--channels",
-         str(channels), "--method", method],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert worker.stdout is not None
-        if worker.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"send worker did not start: {worker.communicate()[1][-300:]}")
-        start = time.time()
-        _, errors = worker.communicate(uri + "\n", timeout=setup.timeout)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.communicate()
-    if worker.returncode != 0:
-        raise RuntimeError(f"multifd.send() failed: {errors.strip()[-300:]}")
-    return start
+    args = ["--send-worker", str(setup.image), "--channels", str(channels), "--method", method]
+    return run_send_worker(__file__, args, uri, setup.timeout)
 
 
 def send_worker(image: Path, channels: int, method: str) -> None:

@@ -319,9 +319,15 @@ def _send(setup: Setup, uri: str, channels: int, peer: str) -> float:
     source exists before ``migrate``; it runs apart from this process so that neither its
     memory nor its threads mix with the benchmark's.
     """
+    args = ["--send-worker", str(setup.image), "--channels", str(channels), "--peer", peer]
+    return run_send_worker(__file__, args, uri, setup.timeout)
+
+
+def run_send_worker(script: str, args: list[str], uri: str, timeout: float) -> float:
+    """Start ``script args`` (a worker that prints ``ready`` and then sends to the URI it
+    reads on stdin), give it ``uri`` and wait for it; returns when the clock started."""
     worker = subprocess.Popen(
-        [sys.executable, __file__, "--send-worker", str(setup.image), "--channels",
-         str(channels), "--peer", peer],
+        [sys.executable, script, *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -329,7 +335,7 @@ def _send(setup: Setup, uri: str, channels: int, peer: str) -> float:
         if worker.stdout.readline().strip() != "ready":
             raise RuntimeError(f"send worker did not start: {worker.communicate()[1][-300:]}")
         start = time.time()
-        _, errors = worker.communicate(uri + "\n", timeout=setup.timeout)
+        _, errors = worker.communicate(uri + "\n", timeout=timeout)
     finally:
         if worker.poll() is None:
             worker.kill()
