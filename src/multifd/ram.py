@@ -43,9 +43,15 @@ def zero_pages(words: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
     """
     zero: npt.NDArray[np.bool_] = words[:, 0] == 0
     candidates = np.flatnonzero(zero)
-    if candidates.size:
-        # OR-reducing the words is 1.5x faster than .any() (29 vs 19 GB/s measured).
-        zero[candidates] = np.bitwise_or.reduce(words[candidates], axis=1) == 0
+    if not candidates.size:
+        return zero
+    # Gathering the candidates copies them; past about a tenth of the pages, scanning every
+    # page in place is cheaper (1 GiB: 42 ms either way at 10 %, 94 vs 38 ms at 25 %).
+    # Either way, OR-reducing the words is 1.5x faster than .any().
+    if candidates.size * 10 > len(words):
+        reduced: npt.NDArray[np.bool_] = np.bitwise_or.reduce(words, axis=1) == 0
+        return reduced
+    zero[candidates] = np.bitwise_or.reduce(words[candidates], axis=1) == 0
     return zero
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from multifd import ram as ram_module
 from multifd.errors import ConfigError
-from multifd.ram import Ram, RamBlock
+from multifd.ram import Ram, RamBlock, zero_pages
+from multifd.wire.constants import PAGE_SIZE
 
 PAGE = 4096
 
@@ -282,3 +283,17 @@ def test_ram_close_closes_every_block() -> None:
     ram = Ram(RamBlock(f"b{i}", buf) for i, buf in enumerate(buffers))
     ram.close()
     assert all(buf.closed for buf in buffers)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.02, 0.09, 0.11, 0.5, 1.0])
+def test_zero_pages_agrees_with_a_page_by_page_check(fraction: float) -> None:
+    """Both scan strategies (gather the candidates, or scan in place) find exactly the zeros."""
+    rng = np.random.default_rng(int(fraction * 100))
+    block = RamBlock.from_bytes("mem", rng.bytes(400 * PAGE_SIZE))
+    chosen = rng.random(block.page_count) < fraction
+    block.pages[chosen] = 0
+    block.pages[~chosen, : rng.integers(0, PAGE_SIZE)] = 0  # non-zero late in the page
+    block.pages[~chosen, PAGE_SIZE - 1] = 1
+    expected = [not block.pages[i].any() for i in range(block.page_count)]
+    assert zero_pages(block.words).tolist() == expected
+    block.close()
