@@ -340,3 +340,18 @@ def test_decompression_bomb_is_stopped_with_bounded_memory(
 def test_zstd_bomb_sanity_the_frame_really_inflates() -> None:
     reader = zstandard.ZstdDecompressor().decompressobj()
     assert len(reader.decompress(zstd_rle_bomb(4))) == 4 * (128 << 10)
+
+
+@pytest.mark.parametrize(("method", "level"), [("zstd", 0), ("zstd", 1), ("zstd", 3), ("zlib", 0),
+                                               ("zlib", 1), ("zlib", 9)])  # fmt: skip
+def test_runs_of_pages_compress_to_the_bytes_of_page_by_page(method: str, level: int) -> None:
+    """The engine hands whole runs; the payload must stay what QEMU makes from single pages."""
+    rng = random.Random(level)
+    pages = [rng.randbytes(PAGE_SIZE) if i % 3 else bytes([i]) * PAGE_SIZE for i in range(40)]
+    by_page = compression.compressor(method, level)
+    by_run = compression.compressor(method, level)
+    assert by_page is not None
+    assert by_run is not None
+    for _ in range(2):  # the second packet continues both streams
+        runs = [b"".join(pages[:17]), b"".join(pages[17:18]), b"".join(pages[18:])]
+        assert by_run.compress(runs) == by_page.compress(pages)

@@ -61,12 +61,15 @@ class Decompressor(Protocol):
 
 
 def check_pages(pages: Sequence[memoryview | bytes]) -> None:
-    """Reject what no packet may carry: no pages, or a page of the wrong size."""
+    """Reject what no packet may carry: no pages, or a buffer that is not whole pages.
+
+    Each buffer is one page or a run of contiguous pages, in the packet's order.
+    """
     if not pages:
         raise ValueError("a compressed packet needs at least one page")
     for page in pages:
-        if len(page) != PAGE_SIZE:
-            raise ValueError(f"a page is {PAGE_SIZE} bytes, got {len(page)}")
+        if not len(page) or len(page) % PAGE_SIZE:
+            raise ValueError(f"page data must be whole {PAGE_SIZE}-byte pages, got {len(page)}")
 
 
 def check_out(out: Sequence[memoryview]) -> None:

@@ -30,7 +30,13 @@ class ZlibCompressor:
 
     def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
         check_pages(pages)
-        parts = [self._deflate.compress(page) for page in pages]
+        # Page by page, as QEMU feeds deflate: at level 0 the stored blocks follow the
+        # input calls, so whole runs would give other (equally valid) bytes.
+        parts = [
+            self._deflate.compress(memoryview(run)[start : start + PAGE_SIZE])
+            for run in pages
+            for start in range(0, len(run), PAGE_SIZE)
+        ]
         parts.append(self._deflate.flush(zlib.Z_SYNC_FLUSH))
         return b"".join(parts)
 

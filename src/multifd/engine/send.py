@@ -146,8 +146,7 @@ class _SendChannel:
     def _compress(self, batch: Batch) -> bytes:
         assert self.compressor is not None
         assert batch.block is not None
-        pages = [batch.block.page_view(offset) for offset in batch.offsets.tolist()]
-        payload = self.compressor.compress(pages)
+        payload = self.compressor.compress(batch.runs)  # the runs of pages with data
         if len(payload) > MAX_COMPRESSED_PAYLOAD:
             raise ConfigError(
                 f"{self.name}: compressed payload of {len(payload)} bytes exceeds "
