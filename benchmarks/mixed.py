@@ -46,7 +46,6 @@ import numpy as np
 # the repository root too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.interop.cli import MultifdProcess, as_uri, receive_args
 from tests.interop.qemu import BLOCK_NAME, PAGE_SIZE, QEMU_BINARY, QemuVm
 from throughput import (
     FAST,
@@ -67,6 +66,7 @@ from throughput import (
     parse_size,
     run_send_worker,
 )
+from throughput import _receiver as receiver_process
 
 import multifd
 from multifd.ram import RamBlock, zero_pages
@@ -127,7 +127,7 @@ def python_to_python(channels: int, method: str) -> Callable[[Setup, Row], None]
     """`multifd.send()` (native profile) into `multifd receive`."""
 
     def run(setup: Setup, row: Row) -> None:
-        with _receiver(setup, channels, method) as (receiver, uri, output):
+        with receiver_process(setup, channels, method) as (receiver, uri, output):
             start = _send(setup, uri, channels, method)
             result = receiver.wait(setup.timeout)
             _require_ok("receive", result.returncode, result.stderr)
@@ -143,7 +143,7 @@ def qemu_to_python(method: str) -> Callable[[Setup, Row], None]:
 
     def run(setup: Setup, row: Row) -> None:
         with (
-            _receiver(setup, 2, method) as (receiver, uri, output),
+            receiver_process(setup, 2, method) as (receiver, uri, output),
             _source_vm(setup, method) as source,
         ):
             start = time.time()
@@ -200,24 +200,6 @@ def _destination_vm(setup: Setup, method: str) -> Iterator[QemuVm]:
     ) as destination:  # fmt: skip
         destination.configure(2, compression=method)
         yield destination
-
-
-@contextlib.contextmanager
-def _receiver(
-    setup: Setup, channels: int, method: str
-) -> Iterator[tuple[MultifdProcess, str, Path]]:
-    output = Path(tempfile.mkdtemp(prefix="received-", dir=setup.scratch))
-    try:
-        args = receive_args(
-            "tcp:127.0.0.1:0", channels=channels, output=output, json_out=False,
-            prealloc={BLOCK_NAME: setup.size}, compression=method,
-        )  # fmt: skip
-        with MultifdProcess(args, timeout=setup.timeout) as receiver:
-            yield receiver, as_uri(receiver.listening_address(setup.timeout)), output
-    finally:
-        for leftover in output.iterdir():
-            leftover.unlink()
-        output.rmdir()
 
 
 def _send(setup: Setup, uri: str, channels: int, method: str) -> float:

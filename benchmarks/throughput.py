@@ -294,7 +294,10 @@ def _destination_vm(setup: Setup, *, channels: int) -> Iterator[QemuVm]:
 
 
 @contextlib.contextmanager
-def _receiver(setup: Setup, channels: int) -> Iterator[tuple[MultifdProcess, str, Path]]:
+def _receiver(
+    setup: Setup, channels: int, compression: str = "none"
+) -> Iterator[tuple[MultifdProcess, str, Path]]:
+    """A pre-allocated ``multifd receive`` listening on a free port, and its output folder."""
     output = Path(tempfile.mkdtemp(prefix="received-", dir=setup.scratch))
     try:
         args = receive_args(
@@ -303,6 +306,7 @@ def _receiver(setup: Setup, channels: int) -> Iterator[tuple[MultifdProcess, str
             output=output,
             json_out=False,
             prealloc={BLOCK_NAME: setup.size},
+            compression=compression,
         )
         with MultifdProcess(args, timeout=setup.timeout) as receiver:
             yield receiver, as_uri(receiver.listening_address(setup.timeout)), output

@@ -111,6 +111,15 @@ class Poisoned:
         self._method = method
         self._error: ProtocolError | None = None
 
+    def start_packet(
+        self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
+    ) -> int:
+        """Check one packet before it is inflated; the bytes it must produce (0: none)."""
+        self.check(channel)
+        check_out(out)
+        check_payload(payload, len(out), self._method, channel=channel)
+        return len(out) * PAGE_SIZE
+
     def check(self, channel: str) -> None:
         """Raise if an earlier payload broke the stream."""
         if self._error is not None:

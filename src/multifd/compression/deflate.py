@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Sequence
 from typing import Final
 
-from multifd.compression.base import Poisoned, check_out, check_pages, check_payload, scatter
+from multifd.compression.base import Poisoned, check_pages, scatter
 from multifd.wire.constants import MULTIFD_FLAG_ZLIB, PAGE_SIZE
 
 METHOD: Final = "zlib"
@@ -53,12 +53,9 @@ class ZlibDecompressor:
     def decompress_into(
         self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
     ) -> None:
-        self._poisoned.check(channel)
-        check_out(out)
-        check_payload(payload, len(out), METHOD, channel=channel)
-        if not out:
+        expected = self._poisoned.start_packet(payload, out, channel=channel)
+        if not expected:
             return
-        expected = len(out) * PAGE_SIZE
         try:
             # One byte of slack tells "exactly right" from "too much" without ever
             # producing more than a packet's worth of output.

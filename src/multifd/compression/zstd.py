@@ -17,7 +17,7 @@ from typing import IO, Final, cast
 
 import zstandard
 
-from multifd.compression.base import Poisoned, check_out, check_pages, check_payload
+from multifd.compression.base import Poisoned, check_pages
 from multifd.errors import ProtocolError
 from multifd.wire.constants import MULTIFD_FLAG_ZSTD, PAGE_SIZE, PAGES_PER_PACKET
 
@@ -101,12 +101,9 @@ class ZstdDecompressor:
     def decompress_into(
         self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
     ) -> None:
-        self._poisoned.check(channel)
-        check_out(out)
-        check_payload(payload, len(out), METHOD, channel=channel)
-        if not out:
+        expected = self._poisoned.start_packet(payload, out, channel=channel)
+        if not expected:
             return
-        expected = len(out) * PAGE_SIZE
         self._sink.start(out)
         try:
             self._writer.write(payload)

@@ -216,10 +216,7 @@ def send_step(state: SendState, event: SendEvent) -> tuple[SendState, SendAction
     Raises:
         IllegalTransitionError: the event is not allowed in this state.
     """
-    try:
-        return _SEND_STEPS[state, event]
-    except KeyError:
-        raise IllegalTransitionError(f"{event} is not allowed in state {state}") from None
+    return lookup(_SEND_STEPS, state, event)
 
 
 def recv_step(state: RecvState, event: RecvEvent) -> tuple[RecvState, RecvAction]:
@@ -228,10 +225,7 @@ def recv_step(state: RecvState, event: RecvEvent) -> tuple[RecvState, RecvAction
     Raises:
         IllegalTransitionError: the event is not allowed in this state.
     """
-    try:
-        return _RECV_STEPS[state, event]
-    except KeyError:
-        raise IllegalTransitionError(f"{event} is not allowed in state {state}") from None
+    return lookup(_RECV_STEPS, state, event)
 
 
 @overload
