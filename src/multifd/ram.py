@@ -87,6 +87,10 @@ class RamBlock:
         self.view: Final = memoryview(buffer)
         self.pages: Final = np.frombuffer(buffer, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.words: Final = np.frombuffer(buffer, dtype=np.uint64).reshape(-1, _WORDS_PER_PAGE)
+        # One flag per page, True while the page is known to hold only zeros (None: unknown
+        # for every page). Kept only where every write goes through write_zero() and
+        # written() -- a destination's RAM -- by the one thread that writes the page.
+        self.known_zero: npt.NDArray[np.bool_] | None = None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -173,6 +177,45 @@ class RamBlock:
                 f"{self.page_count} pages"
             )
         return zero_pages(self.words[first:stop])
+
+    def assume_zeroed(self) -> None:
+        """Start tracking which pages hold only zeros, from a block that is all zero now.
+
+        A destination allocates its blocks zero-filled; a zero page announced for a page
+        that nothing wrote since then needs no write (QEMU keeps a receive bitmap for the
+        same reason). Every later write must then go through :meth:`written` or
+        :meth:`write_zero`.
+        """
+        self.known_zero = np.ones(self.page_count, dtype=np.bool_)
+
+    def written(self, pages: slice | npt.NDArray[np.int64]) -> None:
+        """Note that ``pages`` (page numbers) were written with data."""
+        if self.known_zero is not None:
+            self.known_zero[pages] = False
+
+    def write_zero_page(self, page: int) -> None:
+        """:meth:`write_zero` for one page: the main channel's ZERO records come one by one."""
+        known = self.known_zero
+        if known is None:
+            self.pages[page] = 0
+        elif not known[page]:
+            self.pages[page] = 0
+            known[page] = True
+
+    def write_zero(self, pages: slice | npt.NDArray[np.int64]) -> None:
+        """Make ``pages`` (page numbers) all zero, writing only those that may not be."""
+        known = self.known_zero
+        if known is None:
+            self.pages[pages] = 0
+            return
+        already = known[pages]
+        if already.all():
+            return
+        if isinstance(pages, slice):
+            pages = np.arange(self.page_count)[pages]
+        todo = pages[~already]
+        self.pages[todo] = 0
+        known[todo] = True
 
     def populate(self, first: int, count: int) -> None:
         """Map pages ``[first, first + count)`` for reading ahead of use, without the GIL.

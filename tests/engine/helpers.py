@@ -156,6 +156,7 @@ def link(
     detect_zero_pages: bool = False,
     compression: str = "none",
     before_start: Callable[[Sender], None] | None = None,
+    packets_per_job: int = 4,
 ) -> Iterator[tuple[Sender, Receiver, list[tuple[socket.socket, socket.socket]]]]:
     """A started Sender wired to a Receiver (into ``dst``) whose channels are all accepted.
 
@@ -168,6 +169,7 @@ def link(
         io_timeout=TIMEOUT,
         compression=compression,
         detect_zero_pages=detect_zero_pages,
+        packets_per_job=packets_per_job,
     )
     receiver = Receiver(
         dst, channels=channels, trace=recorder, io_timeout=TIMEOUT, compression=compression

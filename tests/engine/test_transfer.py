@@ -7,7 +7,7 @@ import numpy.typing as npt
 import pytest
 
 from multifd.compression import flag_of
-from multifd.engine.send import Sender
+from multifd.engine.send import Sender, job_size
 from multifd.errors import multifd_channel
 from multifd.ram import Ram, RamBlock
 from multifd.wire.constants import MULTIFD_FLAG_SYNC, PAGE_SIZE, PAGES_PER_PACKET
@@ -173,6 +173,48 @@ def test_full_batches_go_round_robin() -> None:
         assert first.offsets[0] == i * PAGES_PER_PACKET * PAGE_SIZE
         assert first.normal_pages == PAGES_PER_PACKET
         assert sync.is_sync
+
+
+@pytest.mark.parametrize(
+    ("left", "channels", "per_job", "expected"),
+    [
+        (8, 2, 1, [1] * 8),
+        (8, 2, 4, [4, 2, 1, 1]),  # the tail is spread over both channels
+        (64, 2, 4, [4] * 15 + [2, 1, 1]),
+        (3, 4, 8, [1, 1, 1]),
+    ],
+)
+def test_job_sizes(left: int, channels: int, per_job: int, expected: list[int]) -> None:
+    sizes = []
+    while left:
+        sizes.append(job_size(left, channels, per_job))
+        left -= sizes[-1]
+    assert sizes == expected
+
+
+@pytest.mark.parametrize("per_job", [1, 3, 4])
+def test_jobs_of_several_packets_keep_every_packet_whole(per_job: int) -> None:
+    src, dst = make_ram(), make_ram()
+    src["a"].pages[:] = (np.arange(len(src["a"].pages)) % 251 + 1).astype(np.uint8)[:, None]
+    recorder = Recorder()
+    packets_sent = 8
+    with link(dst, 2, recorder=recorder, packets_per_job=per_job) as (sender, receiver, _):
+        sender.send_pages(src["a"], np.arange(packets_sent * PAGES_PER_PACKET) * PAGE_SIZE)
+        sender.sync()
+        recorder.marker()
+        receiver.wait_sync(TIMEOUT)
+    assert check_send_invariants(recorder.events, 2) == 1
+    numbers, firsts = [], []
+    for i in range(2):
+        sent = recorder.packets("send", multifd_channel(i))
+        numbers += [p.packet_num for p in sent]
+        pages = [p for p in sent if not p.is_sync]
+        assert all(p.normal_pages == PAGES_PER_PACKET for p in pages)
+        firsts += [p.offsets[0] // (PAGES_PER_PACKET * PAGE_SIZE) for p in pages]
+    assert sorted(firsts) == list(range(packets_sent))
+    assert sorted(numbers) == list(range(1, packets_sent + 3))  # and 2 SYNCs, none twice
+    limit = packets_sent * PAGES_PER_PACKET * PAGE_SIZE
+    assert bytes(dst["a"].view[:limit]) == bytes(src["a"].view[:limit])
 
 
 def test_sync_with_nothing_queued_sends_only_syncs() -> None:

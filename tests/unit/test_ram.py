@@ -297,3 +297,46 @@ def test_zero_pages_agrees_with_a_page_by_page_check(fraction: float) -> None:
     expected = [not block.pages[i].any() for i in range(block.page_count)]
     assert zero_pages(block.words).tolist() == expected
     block.close()
+
+
+class TestKnownZero:
+    """write_zero() skips only pages that nothing wrote since assume_zeroed()."""
+
+    def _block(self) -> RamBlock:
+        block = RamBlock.from_bytes("ram", bytes(8 * PAGE_SIZE))
+        block.assume_zeroed()
+        return block
+
+    def test_page_written_with_data_is_zeroed_again(self) -> None:
+        block = self._block()
+        block.view[PAGE_SIZE : 3 * PAGE_SIZE] = b"\x07" * (2 * PAGE_SIZE)
+        block.written(slice(1, 3))
+        block.write_zero(np.array([2], dtype=np.int64))
+        assert block.view[PAGE_SIZE : 2 * PAGE_SIZE] == b"\x07" * PAGE_SIZE
+        assert block.view[2 * PAGE_SIZE : 3 * PAGE_SIZE] == bytes(PAGE_SIZE)
+        assert block.known_zero is not None
+        assert block.known_zero.tolist() == [True, False] + [True] * 6
+
+    def test_known_zero_page_is_not_written(self) -> None:
+        # The contract: a write that bypasses written() is invisible, so the skip shows.
+        block = self._block()
+        block.view[0:PAGE_SIZE] = b"\x01" * PAGE_SIZE
+        block.write_zero(slice(0, 4))
+        assert block.view[0:PAGE_SIZE] == b"\x01" * PAGE_SIZE
+
+    def test_untracked_block_always_writes(self) -> None:
+        block = RamBlock.from_bytes("ram", b"\x05" * (4 * PAGE_SIZE))
+        assert block.known_zero is None
+        block.write_zero(slice(1, 2))
+        block.write_zero(np.array([2], dtype=np.int64))
+        block.write_zero_page(3)
+        assert block.pages[:, 0].tolist() == [5, 0, 0, 0]
+
+    def test_one_page_at_a_time(self) -> None:
+        block = self._block()
+        block.view[0:PAGE_SIZE] = b"\x02" * PAGE_SIZE
+        block.write_zero_page(0)  # known zero: skipped
+        assert block.pages[0, 0] == 2
+        block.written(slice(0, 1))
+        block.write_zero_page(0)
+        assert block.pages[0, 0] == 0

@@ -55,6 +55,29 @@ class Batch:
         self.offsets = _NO_PAGES
 
 
+class Job:
+    """Packets ``[start, stop)`` of one plan: what one hand-over gives a channel.
+
+    Handing over several packets at once pays the requester/channel round trip once per
+    job instead of once per packet; each packet is still written with its own header.
+    """
+
+    __slots__ = ("plan", "start", "stop")
+
+    def __init__(self) -> None:
+        self.plan: PacketPlan | None = None
+        self.start = 0
+        self.stop = 0
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def clear(self) -> None:
+        """Drop the reference to the plan so that a spent plan can be freed."""
+        self.plan = None
+        self.start = self.stop = 0
+
+
 class PacketPlan:
     """The packets for ``offsets`` of ``block``: one per 128 offsets, the last one partial.
 

@@ -206,8 +206,15 @@ class _RecvChannel:
         if first is None or first & _PAGE_MASK or first + count * PAGE_SIZE > block.size:
             offsets = self._checked_offsets(block, count)
             first = 0
+        if offsets is None:
+            first_page = first >> PAGE_SHIFT
+            data: slice | Offsets = slice(first_page, first_page + normal)
+            zeros: slice | Offsets = slice(first_page + normal, first_page + count)
+        else:
+            data, zeros = offsets[:normal] >> PAGE_SHIFT, offsets[normal:] >> PAGE_SHIFT
         size = 0
         if normal:
+            block.written(data)  # before the bytes land: a failed read leaves no false zero
             if flags & MULTIFD_FLAG_COMPRESSION_MASK != self.owner.flag:
                 raise ProtocolError(
                     "packet compression method",
@@ -220,11 +227,7 @@ class _RecvChannel:
             else:
                 size = self._read_compressed(_pages(block, first, normal, offsets), next_size)
         if zero:
-            if offsets is None:
-                first_page = first >> PAGE_SHIFT
-                block.pages[first_page + normal : first_page + count] = 0
-            else:
-                block.pages[offsets[normal:] >> PAGE_SHIFT] = 0
+            block.write_zero(zeros)
         return size
 
     def _block(self) -> RamBlock:

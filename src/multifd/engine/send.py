@@ -3,9 +3,12 @@
 The requester (the migration thread calling :meth:`Sender.send_pages` and
 :meth:`Sender.sync`) cuts the pages it is given into batches of at most 128 pages of one
 block, prepares the packets of all those batches in one numpy pass
-(:class:`~multifd.engine.batch.PacketPlan`), and hands each batch to the next idle channel
-by swapping batch objects; each channel thread stamps flags, counts and ``packet_num``
-into the header and writes what it is handed as one packet. Requester and channel thread
+(:class:`~multifd.engine.batch.PacketPlan`), and hands a job of a few consecutive packets
+to the next idle channel by swapping job objects; the channel thread stamps flags, counts
+and ``packet_num`` into each packet's header and writes the job's packets, several to a
+``sendmsg``. A job is one hand-over, so the round trip between requester and channel
+thread (a wake-up each way, each waiting for the interpreter lock) is paid once per job,
+not once per packet. Requester and channel thread
 meet only through the per-channel handshake of :mod:`multifd.engine.handshake` (QEMU 9.0+
 ``multifd_send()`` / ``multifd_send_thread()``, spec 6.2 and 6.5): a job and a sync
 request are two independent flags, so a SYNC packet never carries pages and there is never
@@ -24,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from multifd.compression import Compressor, compressor, flag_of
-from multifd.engine.batch import Batch, PacketPlan
+from multifd.engine.batch import Batch, Job, PacketPlan
 from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, send_step
 from multifd.engine.pageio import Offsets, channel_error, send_all
 from multifd.engine.shutdown import Semaphore, Shutdown, Stoppable
@@ -43,6 +46,10 @@ from multifd.wire.packets import NIL_UUID, InitPacket, RamPacket, stamp_header
 
 # Requester waits wake up this often to notice a failure even if no post reaches them.
 _POLL: Final = 0.25
+# Buffers per sendmsg(), under the kernel's IOV_MAX of 1024.
+_IOV_MAX: Final = 512
+# Packets handed to a channel at once (Sender's default packets_per_job).
+PACKETS_PER_JOB: Final = 4
 
 
 class _SendChannel:
@@ -59,12 +66,13 @@ class _SendChannel:
         # Shared handshake state, guarded by ``lock``.
         self.lock = threading.Lock()  # guards state and the batch swap
         self.state: SendState = SEND_INITIAL
-        # The batch belongs to the requester while state.pending_job is False (it only swaps
+        # The job belongs to the requester while state.pending_job is False (it only swaps
         # in an empty one) and to the thread while it is True.
-        self.batch = Batch()
+        self.job = Job()
         self.sem = Semaphore()  # a request is pending (HAND_JOB, REQUEST_SYNC)
         self.sem_sync = Semaphore()  # the requested SYNC packet is written
         # Owned by the channel thread.
+        self.packet = Batch()  # the packet of the job being written
         self.compressor: Compressor | None = compressor(owner.compression, owner.level)
         self.counters = Counters(self.name)
 
@@ -113,8 +121,8 @@ class _SendChannel:
 
     def _serve(self, action: SendAction) -> None:
         if action is SendAction.SEND_PAGES:
-            self._send_batch(self.batch)
-            self.batch.clear()
+            self._send_job(self.job)
+            self.job.clear()
             self.perform(self._transition(SendEvent.PAGES_SENT))
         elif action is SendAction.SEND_SYNC:
             header = RamPacket.sync(self.owner.next_packet_num()).pack()
@@ -123,25 +131,52 @@ class _SendChannel:
             self._trace(header)
             self.perform(self._transition(SendEvent.SYNC_SENT))
 
-    def _send_batch(self, batch: Batch) -> None:
-        body: Sequence[memoryview | bytes] = batch.runs
-        size = batch.normal * PAGE_SIZE
-        if self.compressor is not None and batch.normal:
-            payload = self._compress(batch)
-            body, size = [payload], len(payload)
-        header = batch.header
-        stamp_header(
-            header,
-            flags=self.owner.flag,
-            normal_pages=batch.normal,
-            zero_pages=batch.zero,
-            next_packet_size=size,
-            packet_num=self.owner.next_packet_num(),
-        )
-        size += PACKET_HEADER_SIZE
-        self._write([header, *body], size)
-        self.counters.count(pages=batch.normal, zero_pages=batch.zero, sync=False, size=size)
-        self._trace(header)
+    def _send_job(self, job: Job) -> None:
+        """Write the job's packets, several to a ``sendmsg`` while the buffers fit one."""
+        plan = job.plan
+        assert plan is not None, "a pending job always has a plan"
+        packet = self.packet
+        number = self.owner.next_packet_nums(len(job))
+        buffers: list[bytes | memoryview] = []
+        written: list[tuple[memoryview, int, int, int]] = []  # header, normal, zero, size
+        size = 0
+        for index in range(job.start, job.stop):
+            plan.fill(packet, index)
+            body: Sequence[memoryview | bytes] = packet.runs
+            body_size = packet.normal * PAGE_SIZE
+            if self.compressor is not None and packet.normal:
+                payload = self._compress(packet)
+                body, body_size = [payload], len(payload)
+            if buffers and len(buffers) + 1 + len(body) > _IOV_MAX:
+                self._write_packets(buffers, size, written)
+                buffers, written, size = [], [], 0
+            header = packet.header
+            stamp_header(
+                header,
+                flags=self.owner.flag,
+                normal_pages=packet.normal,
+                zero_pages=packet.zero,
+                next_packet_size=body_size,
+                packet_num=number,
+            )
+            number += 1
+            buffers.append(header)
+            buffers.extend(body)
+            size += PACKET_HEADER_SIZE + body_size
+            written.append((header, packet.normal, packet.zero, PACKET_HEADER_SIZE + body_size))
+        self._write_packets(buffers, size, written)
+        packet.clear()
+
+    def _write_packets(
+        self,
+        buffers: Sequence[bytes | memoryview],
+        size: int,
+        packets: Sequence[tuple[memoryview, int, int, int]],
+    ) -> None:
+        self._write(buffers, size)
+        for header, normal, zero, packet_size in packets:
+            self.counters.count(pages=normal, zero_pages=zero, sync=False, size=packet_size)
+            self._trace(header)
 
     def _compress(self, batch: Batch) -> bytes:
         assert self.compressor is not None
@@ -186,6 +221,8 @@ class Sender(Stoppable):
         trace: called with every packet after it was written.
         io_timeout: seconds a socket write may block before the channel fails.
         name: logger and thread name prefix (loggers are ``multifd.<name>.chN``).
+        packets_per_job: at most this many packets are handed to a channel at once (each
+            still a packet of at most 128 pages with its own header).
     """
 
     def __init__(
@@ -199,6 +236,7 @@ class Sender(Stoppable):
         trace: TraceHook | None = None,
         io_timeout: float = 30.0,
         name: str = "send",
+        packets_per_job: int = PACKETS_PER_JOB,
     ) -> None:
         if not channels:
             raise ConfigError("a Sender needs at least one channel")
@@ -215,6 +253,9 @@ class Sender(Stoppable):
         self.trace = trace
         self.io_timeout = io_timeout
         self.name = name
+        if packets_per_job < 1:
+            raise ConfigError(f"packets_per_job must be at least 1, not {packets_per_job}")
+        self.packets_per_job = packets_per_job
         self.log = logging.getLogger(f"multifd.{name}")
         self.channels_ready = Semaphore()  # a channel finished a job or started
         self._num_lock = threading.Lock()  # guards _packet_num
@@ -225,9 +266,9 @@ class Sender(Stoppable):
             set_io_timeout(channel.sock, io_timeout)
             self.shutdown.add(channel.sock, channel.thread, channel.sem, channel.sem_sync)
         self.shutdown.add_semaphore(self.channels_ready)
-        # Owned by the requester: the empty batch it fills and swaps in, and the pages of
+        # Owned by the requester: the empty job it fills and swaps in, and the pages of
         # the last partial batch, held back until more pages of the same block or a sync.
-        self._batch = Batch()
+        self._job = Job()
         self._held: Offsets = np.empty(PAGES_PER_PACKET, dtype=np.int64)
         self._held_count = 0
         self._held_block: RamBlock | None = None
@@ -288,9 +329,14 @@ class Sender(Stoppable):
 
     # -- for the channel threads -----------------------------------------------------------
     def next_packet_num(self) -> int:
+        return self.next_packet_nums(1)
+
+    def next_packet_nums(self, count: int) -> int:
+        """Reserve ``count`` consecutive packet numbers; returns the first."""
         with self._num_lock:
-            self._packet_num += 1
-            return self._packet_num
+            first = self._packet_num + 1
+            self._packet_num += count
+            return first
 
     def fail(self, exc: BaseException, channel: str | None) -> None:
         self.shutdown.fail(exc, channel)
@@ -316,16 +362,19 @@ class Sender(Stoppable):
         self._hand_over(plan)
 
     def _hand_over(self, plan: PacketPlan) -> None:
-        """Give each packet of ``plan``, in order, to the next idle channel."""
-        for index in range(len(plan)):
+        """Give the packets of ``plan``, in order, to the next idle channels, a job each."""
+        index, count = 0, len(plan)
+        while index < count:
             channel = self._idle_channel()
-            batch = self._batch
-            plan.fill(batch, index)
+            stop = index + job_size(count - index, len(self._channels), self.packets_per_job)
+            job = self._job
+            job.plan, job.start, job.stop = plan, index, stop
             with channel.lock:
-                # Swap ownership: the channel gets the full batch, we get its empty one.
-                channel.batch, self._batch = batch, channel.batch
+                # Swap ownership: the channel gets the full job, we get its empty one.
+                channel.job, self._job = job, channel.job
                 channel.state, action = send_step(channel.state, SendEvent.HAND_JOB)
             channel.perform(action)
+            index = stop
 
     def _idle_channel(self) -> _SendChannel:
         self._wait(self.channels_ready, None)  # paired with POST_CHANNELS_READY
@@ -346,6 +395,12 @@ class Sender(Stoppable):
             if dead and (channel is None or channel.name in dead):
                 self.shutdown.fail(RuntimeError(f"send threads exited: {dead}"), dead[0])
         self.shutdown.raise_if_stopped()
+
+
+def job_size(left: int, channels: int, per_job: int) -> int:
+    """Packets in the next job when ``left`` remain: up to ``per_job``, but never more than
+    an even share of what is left, so that every channel gets work at the end of a plan."""
+    return max(1, min(per_job, left // channels))
 
 
 def _check_offsets(block: RamBlock, offsets: Offsets) -> None:

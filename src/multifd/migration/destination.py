@@ -304,7 +304,10 @@ class Destination:
     def _handle(self, event: stream.Event) -> None:
         match event:
             case stream.RamPage(block=name, offset=offset, data=data):
-                self._block(name, offset).view[offset : offset + PAGE_SIZE] = data
+                block = self._block(name, offset)
+                block.view[offset : offset + PAGE_SIZE] = data
+                if block.known_zero is not None:
+                    block.known_zero[offset // PAGE_SIZE] = False
                 self._main_pages += 1
             case stream.RamZero(block=name, offset=offset, fill=fill):
                 self._apply_zero(name, offset, fill)
@@ -360,7 +363,7 @@ class Destination:
         block = self._block(name, offset)
         if fill != 0:
             raise ProtocolError("zero page fill byte", channel=MAIN, expected=0, received=fill)
-        block.pages[offset // PAGE_SIZE] = 0
+        block.write_zero_page(offset // PAGE_SIZE)
         self._zero_records += 1
 
     def _create_blocks(self, total: int, blocks: tuple[tuple[str, int], ...]) -> None:
@@ -430,9 +433,13 @@ class Destination:
 
     def _new_block(self, name: str, size: int) -> RamBlock:
         if self.output is None:
-            return RamBlock.anonymous(name, size)
-        self.output.mkdir(parents=True, exist_ok=True)
-        return RamBlock.from_file(name, self.output / block_filename(name), size=size, create=True)
+            block = RamBlock.anonymous(name, size)
+        else:
+            self.output.mkdir(parents=True, exist_ok=True)
+            path = self.output / block_filename(name)
+            block = RamBlock.from_file(name, path, size=size, create=True)
+        block.assume_zeroed()  # fresh memory and a freshly truncated file read as zeros
+        return block
 
     # -- sync markers -----------------------------------------------------------------------
     def _on_eos(self) -> None:
