@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit interop bench clean qemu10
+.PHONY: demo test check lint typecheck unit interop bench clean qemu10 guest vm-matrix
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,19 @@ unit: $(STAMP)
 qemu10:
 	bash scripts/qemu10.sh
 
-interop: $(STAMP) qemu10
+# The real guest of the VM tests (Debian 12 cloud kernel + busybox initramfs) in .cache/guest.
+guest:
+	bash scripts/guest.sh
+
+interop: $(STAMP) qemu10 guest
 	$(PY) -m pytest -m interop
 
-test: lint typecheck qemu10
+test: lint typecheck qemu10 guest
 	$(PY) -m pytest
+
+# Every real-VM case (relay, record/replay, direct) against QEMU 7.2 and 10.0.
+vm-matrix: $(STAMP) qemu10 guest
+	$(PY) -m pytest -m vm
 
 bench: $(STAMP) qemu10
 	$(PY) benchmarks/throughput.py
