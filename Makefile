@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit interop bench clean qemu10 guest vm-matrix
+.PHONY: demo test check lint typecheck unit interop bench clean qemu10 guest vm-matrix verify
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ guest:
 interop: $(STAMP) qemu10 guest
 	$(PY) -m pytest -m interop
 
-test: lint typecheck qemu10 guest
+test: lint typecheck verify qemu10 guest
 	$(PY) -m pytest
+
+# The sync handshake checked for every interleaving by SPIN (docs/sync-protocol.md);
+# the Python explorer runs in the suite (tests/model).
+verify:
+	bash scripts/verify.sh
 
 # Every real-VM case (relay, record/replay, direct) against QEMU 7.2 and 10.0.
 vm-matrix: $(STAMP) qemu10 guest
