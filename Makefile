@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test check lint typecheck unit interop bench clean qemu10 guest vm-matrix verify
+.PHONY: demo test check lint typecheck unit interop bench clean qemu10 guest vm-matrix verify faults fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/multifd demo
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks fuzz
+	$(PY) -m ruff format --check src tests benchmarks fuzz
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
@@ -49,6 +49,17 @@ verify:
 # Every real-VM case (relay, record/replay, direct) against QEMU 7.2 and 10.0.
 vm-matrix: $(STAMP) qemu10 guest
 	$(PY) -m pytest -m vm
+
+# Every fault x side x phase cell (the default suite runs a reduced set); docs/reliability.md.
+faults: $(STAMP)
+	$(PY) -m pytest -m faults tests/faults
+
+# Coverage-guided fuzzing of the receive path (atheris), seeded from fuzz/corpus.
+fuzz: $(STAMP)
+	$(PY) -m pip install --quiet 'atheris>=3.0'
+	mkdir -p .cache/fuzz-corpus .cache/fuzz-crashes
+	nice -n 19 $(PY) fuzz/fuzz_receiver.py .cache/fuzz-corpus fuzz/corpus -max_len=65536 \
+		-timeout=30 -runs=20000 -artifact_prefix=.cache/fuzz-crashes/
 
 bench: $(STAMP) qemu10
 	$(PY) benchmarks/throughput.py

@@ -10,6 +10,11 @@ Example::
 
     # source (another process)
     multifd.send("tcp:dest:4444", {"mem": bytearray(64 << 20)}, channels=2)
+
+With TLS, each end passes its own credentials (see ``docs/tls.md``)::
+
+    tls = TlsConfig(cert=Path("dest.pem"), key=Path("dest.key"), ca=Path("ca.pem"))
+    multifd.receive("tcp:0.0.0.0:4444", tls=tls)
 """
 
 from __future__ import annotations
@@ -22,13 +27,26 @@ from pathlib import Path
 
 from multifd import transport
 from multifd.engine.trace import TraceHook
-from multifd.errors import ConfigError
+from multifd.errors import ChannelRefused, ConfigError
 from multifd.migration.destination import Destination
-from multifd.migration.destination import Limits as ReceiveLimits
+from multifd.migration.limits import ReceiveLimits
 from multifd.migration.precopy import Hooks, Limits, Precopy, StaticTracker, Tracker
 from multifd.migration.stats import MigrationStats, PassStats
 from multifd.ram import Ram, RamBlock
+from multifd.tls import TlsConfig
 from multifd.wire.compat import profile
+
+__all__ = [
+    "BlockSource",
+    "ReceiveLimits",
+    "Received",
+    "TlsConfig",
+    "as_ram",
+    "check_channels",
+    "parse_uuid",
+    "receive",
+    "send",
+]
 
 BlockSource = RamBlock | bytes | bytearray | memoryview | str | os.PathLike[str]
 
@@ -84,6 +102,7 @@ def send(
     io_timeout: float = 30.0,
     limits: Limits | None = None,
     hooks: Hooks | None = None,
+    tls: TlsConfig | None = None,
     trace: TraceHook | None = None,
     on_pass: Callable[[PassStats], None] | None = None,
     progress: Callable[[MigrationStats], None] | None = None,
@@ -109,6 +128,9 @@ def send(
         io_timeout: seconds a channel may stall before the migration fails.
         limits: downtime limit, bandwidth cap, pass and time bounds.
         hooks: pause / resume / stopped callbacks around switchover.
+        tls: this end's certificate, key and CA: every channel then runs TLS 1.3, and
+            the destination's certificate must name the host of ``address`` (or
+            ``tls.hostname``, required for ``unix:`` addresses).
         trace: sees every packet and marker sent.
         on_pass: called with each pass's figures.
         progress: called with statistics snapshots while pages are sent.
@@ -121,6 +143,10 @@ def send(
         MigrationFailed: the migration failed; ``__cause__`` is the first error.
         MigrationCancelled: the migration was cancelled (Ctrl-C in the sending thread).
     """
+    target = transport.parse_address(address, tls=tls)
+    if tls is not None:  # a ConfigError before anything starts
+        tls.server_name(target.host, unix=target.kind == "unix")
+        _ = tls.client_context
     tracker = blocks if isinstance(blocks, Tracker) else StaticTracker(as_ram(blocks))
     migration = Precopy(
         tracker,
@@ -136,15 +162,23 @@ def send(
         io_timeout=io_timeout,
         trace=trace,
     )
-    return migration.migrate(transport.parse_address(address), connect_timeout=connect_timeout)
+    return migration.migrate(target, connect_timeout=connect_timeout)
 
 
 @dataclass(frozen=True)
 class Received:
-    """What :func:`receive` returns: the statistics and the received blocks."""
+    """What :func:`receive` returns: the statistics and the received blocks.
+
+    Attributes:
+        stats: the final statistics.
+        ram: the received blocks; the caller closes them.
+        refused: connections refused during setup while waiting for the source (TLS
+            failures, strangers, channels beyond those expected).
+    """
 
     stats: MigrationStats
     ram: Ram
+    refused: tuple[ChannelRefused, ...] = ()
 
 
 def receive(
@@ -159,6 +193,7 @@ def receive(
     limits: ReceiveLimits | None = None,
     prealloc: Mapping[str, int] | None = None,
     into: Ram | None = None,
+    tls: TlsConfig | None = None,
     on_listening: Callable[[str], None] | None = None,
     trace: TraceHook | None = None,
 ) -> Received:
@@ -168,11 +203,15 @@ def receive(
         address: ``tcp:HOST:PORT`` (port 0 picks a free port) or ``unix:PATH``.
         channels: multifd channels the source uses (0: multifd off).
         output: folder for the blocks (one file per block); None keeps them in memory.
-        uuid: if set, multifd channels with another UUID are refused.
+        uuid: if set, a multifd channel with another UUID fails the migration, with an
+            error naming the channel and both UUIDs (QEMU's check).
         compression: the method the source uses.
         io_timeout: seconds without progress after which the migration fails.
         setup_timeout: seconds to wait for all channels to connect.
-        limits: what a hostile source may announce.
+        limits: what a hostile source may announce (:class:`ReceiveLimits`).
+        tls: this end's certificate, key and CA: every channel must run TLS 1.3 with a
+            client certificate signed by the CA; other connections are refused (logged)
+            and the migration goes on waiting for the right source.
         on_listening: called with the real address once connections are accepted.
         trace: sees every packet and marker received.
         prealloc: block names and sizes to allocate and pre-fault before listening, as a
@@ -182,6 +221,10 @@ def receive(
 
     Returns:
         The statistics and the blocks; the caller closes ``ram`` when done.
+
+    Raises:
+        ConfigError: an argument is invalid.
+        MigrationFailed: the migration failed; ``__cause__`` is the first error.
     """
     if into is not None and (prealloc or output is not None):
         raise ConfigError("into= replaces prealloc= and output=")
@@ -195,7 +238,9 @@ def receive(
         limits=limits,
         trace=trace,
     )
-    listen_at = transport.parse_address(address)
+    listen_at = transport.parse_address(address, tls=tls)
+    if tls is not None:
+        _ = tls.server_context  # a ConfigError before listening
     try:
         if into is not None:
             destination.adopt(into)
@@ -209,4 +254,4 @@ def receive(
         if into is None:
             destination.ram.close()
         raise
-    return Received(stats=stats, ram=destination.ram)
+    return Received(stats=stats, ram=destination.ram, refused=tuple(destination.refused))

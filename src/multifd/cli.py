@@ -15,10 +15,12 @@ from multifd import api
 from multifd.console import LiveView, describe_pass, print_stats
 from multifd.dirty import ShadowTracker
 from multifd.errors import MigrationCancelled, MultifdError
+from multifd.migration.limits import ReceiveLimits
 from multifd.migration.precopy import Limits, StaticTracker, TimeoutPolicy, Tracker
 from multifd.migration.stats import MigrationStats
 from multifd.pausing import process_hooks
 from multifd.ram import Ram
+from multifd.tls import TlsConfig
 from multifd.wire.compat import PROFILES
 
 err = Console(stderr=True, highlight=False)
@@ -49,13 +51,24 @@ def _channels_option() -> Callable[[Callable[..., None]], Callable[..., None]]:
 
 
 def _common(func: Callable[..., None]) -> Callable[..., None]:
+    pem = click.Path(exists=True, dir_okay=False, path_type=Path)
+    for name, what in (
+        ("--tls-ca", "CA certificate (PEM) that signs the peer's certificate."),
+        ("--tls-key", "Private key (PEM) of --tls-cert."),
+        ("--tls-cert", "This end's certificate (PEM): every channel then runs TLS 1.3."),
+    ):
+        func = click.option(name, type=pem, default=None, help=what)(func)
     func = click.option(
         "--json",
         "as_json",
         is_flag=True,
         help="Print the final statistics as one JSON object on stdout.",
     )(func)
-    func = click.option("--uuid", default=None, help="UUID carried by every multifd channel.")(func)
+    func = click.option(
+        "--uuid",
+        default=None,
+        help="UUID of every multifd channel (receive: another UUID fails the migration).",
+    )(func)
     func = click.option(
         "--compression",
         type=click.Choice(["none", "zlib", "zstd"]),
@@ -70,6 +83,18 @@ def _common(func: Callable[..., None]) -> Callable[..., None]:
         help="Seconds a channel may stall.",
     )(func)
     return _channels_option()(func)
+
+
+def _tls(
+    cert: Path | None, key: Path | None, ca: Path | None, hostname: str | None = None
+) -> TlsConfig | None:
+    if cert is not None and key is not None and ca is not None:
+        return TlsConfig(cert=cert, key=key, ca=ca, hostname=hostname)
+    if cert is not None or key is not None or ca is not None:
+        raise click.UsageError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
+    if hostname is not None:
+        raise click.UsageError("--tls-hostname needs --tls-cert, --tls-key and --tls-ca")
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,23 +121,35 @@ def main(verbose: bool) -> None:
     help="Allocate and pre-fault this block before listening (as QEMU's prealloc=on); "
     "the source must then announce exactly these blocks.",
 )
+@click.option(
+    "--max-ram",
+    default=None,
+    metavar="SIZE",
+    help="Most RAM the source may announce, e.g. 64G (default: this machine's memory).",
+)
 @_common
 def receive(
     address: str,
     output: Path | None,
     prealloc: tuple[str, ...],
+    max_ram: str | None,
     channels: int,
     uuid: str | None,
     compression: str,
     io_timeout: float,
     as_json: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
 ) -> None:
     """Listen at ADDRESS (tcp:HOST:PORT or unix:PATH) and receive one migration."""
 
     def listening(real: str) -> None:
         err.print(f"listening on {real}", markup=False)
 
+    tls = _tls(tls_cert, tls_key, tls_ca)
     try:
+        limits = ReceiveLimits(max_ram=_parse_size(max_ram, "--max-ram")) if max_ram else None
         result = api.receive(
             address,
             channels=channels,
@@ -120,6 +157,8 @@ def receive(
             uuid=uuid,
             compression=compression,
             io_timeout=io_timeout,
+            limits=limits,
+            tls=tls,
             on_listening=listening,
             prealloc=dict(_split_prealloc(spec) for spec in prealloc),
         )
@@ -168,6 +207,12 @@ def receive(
 )
 @click.option("--max-passes", type=click.IntRange(min=1), default=None)
 @click.option(
+    "--tls-hostname",
+    default=None,
+    help="Name the destination's certificate must carry (default: the host of ADDRESS; "
+    "required for unix: addresses).",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(min=0.001),
     default=None,
@@ -192,6 +237,7 @@ def send(
     downtime_limit: float,
     max_bandwidth: str | None,
     max_passes: int | None,
+    tls_hostname: str | None,
     timeout: float | None,
     on_timeout: str,
     channels: int,
@@ -199,6 +245,9 @@ def send(
     compression: str,
     io_timeout: float,
     as_json: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
 ) -> None:
     """Send files as RAM blocks to the destination at ADDRESS.
 
@@ -208,6 +257,7 @@ def send(
     """
     if pause_pid is not None and not live:
         raise click.UsageError("--pause-pid needs --live")
+    tls = _tls(tls_cert, tls_key, tls_ca, tls_hostname)
     try:
         limits = Limits(
             downtime_limit=downtime_limit / 1e3,
@@ -224,7 +274,7 @@ def send(
         )
         stats = _run_send(address, ram, live=live, as_json=as_json, limits=limits, hooks=hooks,
                           channels=channels, peer=peer, uuid=uuid, compression=compression,
-                          level=level, io_timeout=io_timeout)  # fmt: skip
+                          level=level, io_timeout=io_timeout, tls=tls)  # fmt: skip
     except MigrationCancelled:
         err.print("multifd: cancelled", markup=False)
         sys.exit(130)

@@ -62,3 +62,25 @@ class MigrationFailed(MultifdError):
 
 class MigrationCancelled(MultifdError):
     """A migration was cancelled on request; the source is left as it was."""
+
+
+UNCLASSIFIED = "unclassified"  # a connection before its first bytes said which channel it is
+
+
+class ChannelRefused(ChannelError):
+    """The destination refused a connection during setup and goes on without it.
+
+    A peer that fails the TLS handshake, closes before it says which channel it is, takes
+    too long to do so, or comes beyond the channels expected. The destination logs it and
+    keeps it in ``Destination.refused``; the migration fails only if the channels it
+    needs never arrive.
+
+    Attributes:
+        reason: why, without the peer.
+        peer: the peer's address (``HOST:PORT``, or ``a unix peer``).
+    """
+
+    def __init__(self, message: str, *, peer: str, channel: str = UNCLASSIFIED) -> None:
+        super().__init__(f"connection from {peer} refused: {message}", channel=channel)
+        self.reason = message
+        self.peer = peer

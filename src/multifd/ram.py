@@ -91,6 +91,10 @@ class RamBlock:
         # for every page). Kept only where every write goes through write_zero() and
         # written() -- a destination's RAM -- by the one thread that writes the page.
         self.known_zero: npt.NDArray[np.bool_] | None = None
+        # One flag per page, True once a write of the page landed since take_changes()
+        # (None: not tracked). Each writer sets its pages' flags after their bytes are in
+        # (landed(), written_page(), write_zero*()), so a take may run beside the writers.
+        self._changed: npt.NDArray[np.bool_] | None = None
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -193,6 +197,19 @@ class RamBlock:
         if self.known_zero is not None:
             self.known_zero[pages] = False
 
+    def landed(self, pages: slice | npt.NDArray[np.int64]) -> None:
+        """Note that the data announced by :meth:`written` for ``pages`` is now in place."""
+        if self._changed is not None:
+            self._changed[pages] = True
+
+    def written_page(self, page: int) -> None:
+        """One page's data was written (the main channel's PAGE records come one by one):
+        :meth:`written` and :meth:`landed` together, called after the write."""
+        if self.known_zero is not None:
+            self.known_zero[page] = False
+        if self._changed is not None:
+            self._changed[page] = True
+
     def write_zero_page(self, page: int) -> None:
         """:meth:`write_zero` for one page: the main channel's ZERO records come one by one."""
         known = self.known_zero
@@ -201,9 +218,16 @@ class RamBlock:
         elif not known[page]:
             self.pages[page] = 0
             known[page] = True
+        if self._changed is not None:
+            self._changed[page] = True
 
     def write_zero(self, pages: slice | npt.NDArray[np.int64]) -> None:
         """Make ``pages`` (page numbers) all zero, writing only those that may not be."""
+        self._zero(pages)
+        if self._changed is not None:
+            self._changed[pages] = True  # even if already zero: the peer may not know it
+
+    def _zero(self, pages: slice | npt.NDArray[np.int64]) -> None:
         known = self.known_zero
         if known is None:
             self.pages[pages] = 0
@@ -216,6 +240,33 @@ class RamBlock:
         todo = pages[~already]
         self.pages[todo] = 0
         known[todo] = True
+
+    def track_changes(self) -> None:
+        """Start noting every page written through :meth:`landed`, :meth:`written_page`,
+        :meth:`write_zero` or :meth:`write_zero_page`, zero pages that were zero included.
+
+        A relay forwards what its incoming side wrote; a zero page must be forwarded too,
+        since the far side's copy of the page may hold anything (a firmware image, say).
+        """
+        if self._changed is None:
+            self._changed = np.zeros(self.page_count, dtype=np.bool_)
+
+    def take_changes(self) -> npt.NDArray[np.int64]:
+        """The pages (ascending numbers) written since the last take; clears the record.
+
+        Writers may run meanwhile: a page's flag is set after its bytes landed, so a page
+        taken is read after its last counted write, and a write landing later sets its
+        flag again for the next take.
+
+        Raises:
+            ConfigError: :meth:`track_changes` was not called.
+        """
+        changed = self._changed
+        if changed is None:
+            raise ConfigError(f"block {self.name!r}: changes are not tracked")
+        pages = np.flatnonzero(changed).astype(np.int64)
+        changed[pages] = False
+        return pages
 
     def populate(self, first: int, count: int) -> None:
         """Map pages ``[first, first + count)`` for reading ahead of use, without the GIL.

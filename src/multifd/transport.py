@@ -6,6 +6,9 @@ Addresses use QEMU's URI syntax (``tcp:HOST:PORT``, ``tcp:[::1]:PORT``, ``unix:P
 The main channel and every multifd channel connect to the same listening address; the
 destination tells them apart by peeking at their first four bytes (spec section 2).
 Sockets handed out are blocking; :func:`shutdown_quietly` wakes a thread blocked on one.
+An address may carry a :class:`~multifd.tls.TlsConfig`: :func:`connect` then returns a
+:class:`~multifd.tls.TlsSocket` after the handshake, and the destination runs the server
+side of it (:class:`~multifd.tls.ServerHandshake`) before it classifies the channel.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import stat
 import struct
 import threading
@@ -27,7 +31,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
 
+from multifd.errors import UNCLASSIFIED as _UNCLASSIFIED
 from multifd.errors import ChannelError, ConfigError, ProtocolError
+from multifd.tls import TlsConfig, client_handshake
 from multifd.wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
 
 Kind = Literal["tcp", "unix"]
@@ -36,7 +42,7 @@ _SockAddr: TypeAlias = tuple[Any, ...] | str
 ChannelKind = Literal["main", "multifd"]
 
 LISTENER: Final = "listener"  # channel name in errors raised by a Listener
-UNCLASSIFIED: Final = "unclassified"  # channel name before classify() has seen the magic
+UNCLASSIFIED: Final = _UNCLASSIFIED  # channel name before classify() has seen the magic
 
 _MAIN_MAGIC: Final = QEMU_VM_FILE_MAGIC.to_bytes(4, "big")  # b"QEVM"
 _MULTIFD_MAGIC: Final = MULTIFD_MAGIC.to_bytes(4, "big")
@@ -64,12 +70,14 @@ class Address:
             connecting.
         port: TCP port, 0..65535; 0 asks :func:`listen` to pick a free port.
         path: filesystem path of a Unix socket.
+        tls: credentials when every channel runs TLS; None for plain sockets.
     """
 
     kind: Kind
     host: str = ""
     port: int = 0
     path: str = ""
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "tcp":
@@ -111,8 +119,8 @@ def _check_unix(host: str, port: int, path: str) -> None:
         raise ConfigError(f"unix socket path longer than {_UNIX_PATH_MAX} bytes: {path!r}")
 
 
-def parse_address(text: str) -> Address:
-    """Parse a QEMU migration URI.
+def parse_address(text: str, *, tls: TlsConfig | None = None) -> Address:
+    """Parse a QEMU migration URI; ``tls`` is attached to the address as it is.
 
     Accepted forms: ``tcp:HOST:PORT`` (HOST an IPv4 address, a name, ``[IPV6]`` in
     brackets, or empty for every interface) and ``unix:PATH``.
@@ -123,10 +131,10 @@ def parse_address(text: str) -> Address:
     scheme, sep, rest = text.partition(":")
     try:
         if sep and scheme == "unix":
-            return Address("unix", path=rest)
+            return Address("unix", path=rest, tls=tls)
         if sep and scheme == "tcp":
             host, port = _split_host_port(rest)
-            return Address("tcp", host=host, port=port)
+            return Address("tcp", host=host, port=port, tls=tls)
     except ConfigError as exc:
         raise ConfigError(f"bad address {text!r}: {exc}") from exc
     raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT or unix:PATH")
@@ -188,7 +196,7 @@ class Listener:
         family, sockaddr = _resolve(address, passive=True, channel=LISTENER)
         sock = _bound_socket(family, sockaddr, address, backlog)
         host, port = sock.getsockname()[:2]
-        return cls(sock, Address("tcp", host=host, port=port), owns_path=False)
+        return cls(sock, Address("tcp", host=host, port=port, tls=address.tls), owns_path=False)
 
     @property
     def socket(self) -> _Socket:
@@ -221,6 +229,12 @@ class Listener:
                 conn = self._try_accept(events[0][1])
                 if conn is not None:
                     return conn
+
+    def try_accept(self) -> _Socket | None:
+        """Like :meth:`accept`, but None at once if no connection is pending."""
+        if self._closed.is_set():
+            raise self._closed_error()
+        return self._try_accept(0)
 
     def _closed_error(self) -> ChannelError:
         return ChannelError(f"listener on {self.address} is closed", channel=LISTENER)
@@ -342,11 +356,13 @@ def _file_id(path: str) -> tuple[int, int] | None:
 def connect(address: Address, *, timeout: float, channel: str) -> socket.socket:
     """Connect to ``address`` within ``timeout`` seconds; return a blocking socket.
 
-    TCP sockets get ``TCP_NODELAY`` (see :func:`tune`).
+    TCP sockets get ``TCP_NODELAY`` (see :func:`tune`). With ``address.tls`` the TLS
+    handshake runs too, within another ``timeout``.
 
     Raises:
         ChannelError: naming ``channel`` and the address: refused, timed out, unreachable,
-            no such socket file, or the host name does not resolve.
+            no such socket file, the host name does not resolve, or TLS failed.
+        ConfigError: TLS to a ``unix:`` address without ``tls.hostname``.
     """
     family: socket.AddressFamily
     target: _SockAddr
@@ -354,6 +370,8 @@ def connect(address: Address, *, timeout: float, channel: str) -> socket.socket:
         family, target = socket.AF_UNIX, address.path
     else:
         family, target = _resolve(address, passive=False, channel=channel)
+    tls = address.tls
+    server_name = tls.server_name(address.host, unix=address.kind == "unix") if tls else ""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         _connect_bounded(sock, target, timeout)
@@ -361,7 +379,9 @@ def connect(address: Address, *, timeout: float, channel: str) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise ChannelError(_connect_failure(address, timeout, exc), channel=channel) from exc
-    return sock
+    if tls is None:
+        return sock
+    return client_handshake(sock, tls, server_name, timeout=timeout, channel=channel)
 
 
 def _timeval(seconds: float) -> bytes:
@@ -376,8 +396,13 @@ def set_io_timeout(sock: socket.socket, seconds: float) -> None:
     ``recv_into`` then returns early with part of the data and goes round the interpreter
     again. With ``SO_SNDTIMEO``/``SO_RCVTIMEO`` one call moves a whole packet, and a stalled
     peer still ends the wait: the call fails with ``EAGAIN`` (``BlockingIOError``), or
-    returns short if some bytes had moved.
+    returns short if some bytes had moved. A TLS socket gets a Python-level timeout instead:
+    a blocking ``SSLSocket`` whose kernel timer runs out retries the read forever, and
+    TLS moves at most a 16 KiB record per call anyway.
     """
+    if isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(seconds)
+        return
     sock.settimeout(None)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
@@ -462,15 +487,27 @@ def classify(sock: socket.socket, *, timeout: float) -> ChannelKind:
         head = _peek_exactly(sock, 4, timeout)
     except ValueError as exc:  # poll() refuses fd -1: the socket is already closed
         raise ChannelError("the socket is closed", channel=UNCLASSIFIED) from exc
+    return kind_of(head)
+
+
+def kind_of(head: bytes) -> ChannelKind:
+    """The kind of channel whose first 4 bytes are ``head`` (see :func:`classify`).
+
+    Raises:
+        ProtocolError: (channel ``"unclassified"``) neither magic.
+    """
     if head == _MAIN_MAGIC:
         return "main"
     if head == _MULTIFD_MAGIC:
         return "multifd"
+    hint = ""
+    if head[:2] == b"\x16\x03":  # a TLS record: content type 22 (handshake), version 3.x
+        hint = " (a TLS ClientHello: does the destination need --tls-*?)"
     raise ProtocolError(
         "unknown channel magic",
         channel=UNCLASSIFIED,
         expected="QEVM (main) or 0x11223344 (multifd)",
-        received=head.hex(),
+        received=head.hex() + hint,
     )
 
 
@@ -506,11 +543,14 @@ def _peek_exactly(sock: socket.socket, size: int, timeout: float) -> bytes:
 
 
 # -- data transfer ---------------------------------------------------------------------------
-def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], *, channel: str) -> int:
-    """Send ``buffers`` back to back, with one ``sendmsg`` per call when the kernel takes all.
-
-    A partial send advances through memoryview slices of the same buffers: no byte is
-    copied in Python. Empty buffers are skipped.
+def send_all(
+    sock: socket.socket,
+    buffers: Sequence[bytes | memoryview],
+    *,
+    channel: str,
+    timeout: float | None = None,
+) -> int:
+    """Send ``buffers`` back to back (see :func:`write_buffers`); empty buffers are skipped.
 
     Returns:
         The number of bytes sent (the sum of the buffer sizes).
@@ -521,18 +561,49 @@ def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], *, chan
     pending = [_as_bytes(memoryview(buf)) for buf in buffers]
     pending = [view for view in pending if view.nbytes]
     total = sum(view.nbytes for view in pending)
-    done = 0
-    first = 0  # pending[:first] is fully sent; pending[first] may be a sliced remainder
     try:
-        while first < len(pending):
-            sent = sock.sendmsg(pending[first : first + _IOV_MAX])
-            done += sent
-            first = _advance(pending, first, sent)
+        write_buffers(sock, pending, total, timeout=timeout)
     except OSError as exc:
         raise ChannelError(
-            f"send failed after {done} of {total} bytes: {_reason(exc)}", channel=channel
+            f"send of {total} bytes failed: {_reason(exc)}", channel=channel
         ) from exc
     return total
+
+
+def write_buffers(
+    sock: socket.socket,
+    buffers: Sequence[bytes | memoryview],
+    total: int,
+    *,
+    timeout: float | None = None,
+) -> None:
+    """Write every buffer (``total`` bytes together), in one ``sendmsg`` where the kernel can.
+
+    A partial write goes on from memoryview slices of the same buffers: no byte is copied.
+    A socket write timeout (``SO_SNDTIMEO``) restarts with every partial write, so a peer
+    that drains a little now and then could stretch one call far beyond it; ``timeout``
+    bounds the whole call instead: once that many seconds have passed, a write still
+    incomplete raises :class:`TimeoutError`.
+
+    Raises:
+        OSError: the socket failed; TimeoutError when ``timeout`` ran out.
+    """
+    if not total:
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if len(buffers) <= _IOV_MAX:
+        sent = sock.sendmsg(buffers)
+        if sent == total:
+            return
+    else:
+        sent = 0
+    pending = [memoryview(b) for b in buffers]
+    first = _advance(pending, 0, sent)
+    while first < len(pending):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(errno.ETIMEDOUT, f"write not done after {timeout:g} s")
+        sent = sock.sendmsg(pending[first : first + _IOV_MAX])
+        first = _advance(pending, first, sent)
 
 
 def _advance(pending: list[memoryview], first: int, sent: int) -> int:

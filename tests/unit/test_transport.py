@@ -8,6 +8,7 @@ import random
 import socket
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -445,6 +446,21 @@ class TrickleSocket:
         return taken
 
 
+def test_a_trickling_peer_cannot_stretch_a_write_past_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each partial write restarts the kernel's SO_SNDTIMEO; the call's own bound does not.
+    clock = iter(range(100))  # one "second" passes per sendmsg
+    fake_time = types.SimpleNamespace(monotonic=lambda: float(next(clock)))
+    monkeypatch.setattr("multifd.transport.time", fake_time)
+    fake = TrickleSocket(limit=1)
+    with pytest.raises(TimeoutError):
+        transport.write_buffers(cast(socket.socket, fake), [b"x" * 50], 50, timeout=3.0)
+    assert 3 <= len(fake.calls) <= 5
+    with pytest.raises(ChannelError, match="main: send of 50 bytes failed"):
+        transport.send_all(cast(socket.socket, fake), [b"x" * 50], channel="main", timeout=3.0)
+
+
 def test_send_all_loops_on_partial_sends_without_copying() -> None:
     header = b"H" * 10
     page = bytearray(os.urandom(4096))
@@ -518,7 +534,7 @@ def test_send_all_partial_sends_on_a_real_socket() -> None:
 def test_send_all_to_a_closed_peer_is_a_channel_error() -> None:
     left, right = socket.socketpair()
     right.close()
-    with pytest.raises(ChannelError, match="send failed after 0 of 3 bytes") as info:
+    with pytest.raises(ChannelError, match="send of 3 bytes failed") as info:
         transport.send_all(left, [b"abc"], channel="multifd/4")
     assert info.value.channel == "multifd/4"
     assert isinstance(info.value.__cause__, OSError)

@@ -1,14 +1,15 @@
 """Moving pages between RAM and sockets without copies, shared by both engine sides.
 
 Pages leave the source as memoryviews over its RAM, one per run of contiguous pages, in a
-single ``sendmsg``; they arrive with ``recv_into`` straight into the destination's RAM.
+single ``sendmsg`` (:func:`multifd.transport.write_buffers`); they arrive with
+``recv_into`` straight into the destination's RAM.
 ``OSError`` is turned into :class:`~multifd.errors.ChannelError` here, at the boundary.
 """
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -51,24 +52,6 @@ def channel_io(channel: str, what: str, timeout: float) -> Iterator[None]:
         yield
     except OSError as exc:
         raise channel_error(exc, channel, what, timeout) from exc
-
-
-def send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview], total: int) -> None:
-    """Write every buffer (``total`` bytes together), in one ``sendmsg`` where the kernel can."""
-    sent = sock.sendmsg(buffers)
-    if sent == total:
-        return
-    pending = [memoryview(b) for b in buffers]
-    index = 0
-    while True:
-        while index < len(pending) and sent >= pending[index].nbytes:
-            sent -= pending[index].nbytes
-            index += 1
-        if index == len(pending):
-            return
-        if sent:
-            pending[index] = pending[index][sent:]
-        sent = sock.sendmsg(pending[index:])
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> int:

@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Final
 from uuid import UUID
 
@@ -226,6 +227,7 @@ class _RecvChannel:
                 size = self._read_runs(_runs(block, first, normal, offsets), normal * PAGE_SIZE)
             else:
                 size = self._read_compressed(_pages(block, first, normal, offsets), next_size)
+            block.landed(data)
         if zero:
             block.write_zero(zeros)
         return size
@@ -366,6 +368,7 @@ class Receiver(Stoppable):
         self.cond = threading.Condition()
         self._channels: list[_RecvChannel | None] = [None] * channels
         self._finishing = False
+        self.peer_uuid: bytes | None = None  # of the first init packet; set under cond
         self.shutdown = Shutdown("multifd receive", self.log)
         self.shutdown.add_wakeup(self._notify_all)
 
@@ -427,34 +430,49 @@ class Receiver(Stoppable):
                 )
             channel = _RecvChannel(self, index, sock)
             self._channels[index] = channel
+            if self.peer_uuid is None:
+                self.peer_uuid = init.uuid
         set_io_timeout(sock, self.io_timeout)
         self.shutdown.add(sock, channel.thread)
         return channel
 
     # -- the loader's side of the barrier --------------------------------------------------
-    def wait_sync(self, timeout: float) -> None:
+    def wait_sync(self, timeout: float, *, while_parked: Callable[[], None] | None = None) -> None:
         """At a marker: wait until every channel reached its SYNC, then release them all.
 
         When this returns, every page that preceded the SYNCs is in ``ram``.
+
+        Args:
+            timeout: seconds the channels may take to reach their SYNC.
+            while_parked: run once every channel is parked, before any is released:
+                nothing writes ``ram`` meanwhile (a relay reads what changed). If it
+                raises, the channels stay parked until the receiver is shut down.
 
         Raises:
             MigrationFailed: a channel failed, ended early, or did not reach its SYNC
                 within ``timeout`` seconds (the message names those channels).
         """
         self.shutdown.raise_if_stopped()
-        problem = self._barrier(time.monotonic() + timeout, timeout)
+        deadline = time.monotonic() + timeout
+        problem = self._barrier(deadline, timeout, release=while_parked is None)
         if problem is not None:
             self.shutdown.fail(problem, problem.channel)
         self.shutdown.raise_if_stopped()
+        if while_parked is not None:
+            while_parked()
+            with self.cond:
+                self._release_all()
+            self.shutdown.raise_if_stopped()
 
-    def _barrier(self, deadline: float, timeout: float) -> ChannelError | None:
+    def _barrier(self, deadline: float, timeout: float, *, release: bool) -> ChannelError | None:
         with self.cond:
             if self._finishing:
                 raise ConfigError("wait_sync() called after finish()")
             while not self.shutdown.exiting:
                 channels = self._channels
                 if all(c is not None and c.state is RecvState.AT_SYNC_POSTED for c in channels):
-                    self._release_all()
+                    if release:
+                        self._release_all()
                     return None
                 gone = [c.name for c in channels if c is not None and c.state in _FINISHED]
                 if gone:

@@ -29,13 +29,13 @@ import numpy.typing as npt
 from multifd.compression import Compressor, compressor, flag_of
 from multifd.engine.batch import Batch, Job, PacketPlan
 from multifd.engine.handshake import SEND_INITIAL, SendAction, SendEvent, SendState, send_step
-from multifd.engine.pageio import Offsets, channel_error, send_all
+from multifd.engine.pageio import Offsets, channel_error
 from multifd.engine.shutdown import Semaphore, Shutdown, Stoppable
 from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import ConfigError, MultifdError, multifd_channel
 from multifd.ram import RamBlock
-from multifd.transport import set_io_timeout
+from multifd.transport import set_io_timeout, write_buffers
 from multifd.wire.constants import (
     MAX_COMPRESSED_PAYLOAD,
     PACKET_HEADER_SIZE,
@@ -191,7 +191,7 @@ class _SendChannel:
 
     def _write(self, buffers: Sequence[bytes | memoryview], size: int) -> None:
         try:
-            send_all(self.sock, buffers, size)
+            write_buffers(self.sock, buffers, size, timeout=self.owner.io_timeout)
         except OSError as exc:
             raise channel_error(exc, self.name, "write", self.owner.io_timeout) from exc
 

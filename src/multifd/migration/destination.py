@@ -8,6 +8,12 @@ each. Once the main channel and all N multifd channels are there, the loader dec
 main stream: ``MEM_SIZE`` creates the blocks, PAGE and ZERO records are applied in place,
 and each sync marker runs the receiver's two-phase barrier.
 
+Connections are accepted, authenticated (TLS) and identified by
+:mod:`multifd.migration.arrivals`, which refuses strangers without failing the migration;
+once every channel is there the listener is closed, so the kernel refuses any later
+connection. What the source announces is bounded by
+:class:`~multifd.migration.limits.ReceiveLimits` before anything is allocated.
+
 The sync mode is not announced by the source (spec 11.4); the loader learns it from the
 setup section: a ``MULTIFD_FLUSH`` before the first ``EOS`` means per-round mode, its absence
 means per-section mode (every ``EOS`` is a marker).
@@ -16,12 +22,11 @@ means per-section mode (every ``EOS`` is a marker).
 from __future__ import annotations
 
 import logging
-import selectors
 import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, NoReturn, cast
+from typing import Final, NoReturn
 from urllib.parse import quote
 
 from multifd import transport
@@ -30,11 +35,14 @@ from multifd.engine.trace import TraceHook, emit
 from multifd.errors import (
     MAIN,
     ChannelError,
+    ChannelRefused,
     ConfigError,
     MigrationFailed,
     MultifdError,
     ProtocolError,
 )
+from multifd.migration.arrivals import Arrivals
+from multifd.migration.limits import ReceiveLimits
 from multifd.migration.stats import ChannelStats, MigrationStats, Status
 from multifd.ram import Ram, RamBlock
 from multifd.wire import stream
@@ -49,77 +57,10 @@ _POLL: Final = 0.25  # seconds between liveness checks while a channel is quiet
 ListeningHook = Callable[[transport.Address], None]
 
 
-class Limits:
-    """What a destination accepts from a source it does not trust."""
-
-    def __init__(self, *, max_blocks: int = 256, max_total: int = 1 << 40) -> None:
-        self.max_blocks = max_blocks
-        self.max_total = max_total
-
-
 def block_filename(name: str) -> str:
     """A file name for block ``name`` that stays inside the output folder."""
     encoded = quote(name, safe="")
     return encoded if encoded not in (".", "..") else encoded.replace(".", "%2E")
-
-
-class _Arrivals:
-    """Connections accepted during setup, until each is classified.
-
-    Owned by the setup thread alone. Sockets still waiting for their first bytes, and the
-    main channel until :meth:`take_main`, are closed if setup fails.
-    """
-
-    def __init__(self, listener: transport.Listener, io_timeout: float) -> None:
-        self._listener = listener
-        self._io_timeout = io_timeout
-        self._selector = selectors.DefaultSelector()
-        self._selector.register(listener.socket, selectors.EVENT_READ)
-        self._waiting: list[socket.socket] = []
-        self.main: socket.socket | None = None
-        self.multifd = 0
-
-    def ready(self, timeout: float) -> list[socket.socket]:
-        """Accept what is pending; return the connections whose first bytes arrived."""
-        readable = []
-        for key, _ in self._selector.select(timeout):
-            if key.fileobj is self._listener.socket:
-                sock = self._listener.accept(self._io_timeout)
-                self._waiting.append(sock)
-                self._selector.register(sock, selectors.EVENT_READ)
-            else:
-                sock = cast(socket.socket, key.fileobj)
-                self._selector.unregister(sock)
-                self._waiting.remove(sock)
-                readable.append(sock)
-        return readable
-
-    def set_main(self, sock: socket.socket) -> None:
-        if self.main is not None:
-            transport.close_quietly(sock)
-            raise ProtocolError(
-                "connection",
-                channel=MAIN,
-                expected="one main channel",
-                received="a second main channel",
-            )
-        self.main = sock
-
-    def take_main(self) -> socket.socket:
-        main, self.main = self.main, None
-        assert main is not None
-        main.settimeout(_POLL)
-        return main
-
-    def __enter__(self) -> _Arrivals:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._selector.close()
-        for sock in self._waiting:
-            transport.close_quietly(sock)
-        if self.main is not None:
-            transport.close_quietly(self.main)
 
 
 class Destination:
@@ -132,7 +73,13 @@ class Destination:
         uuid: if set, every multifd channel must carry this UUID.
         compression: the method the source uses (not negotiated by QEMU).
         io_timeout: seconds without any progress after which the migration fails.
+        setup_timeout: seconds for the main and all multifd channels to arrive.
+        limits: what the source may announce and how connections may behave.
         trace: sees every packet and marker received.
+
+    Attributes:
+        refused: the connections refused during setup (TLS failures, strangers, extra
+            channels); each was logged as a warning.
     """
 
     def __init__(
@@ -144,7 +91,7 @@ class Destination:
         compression: str = "none",
         io_timeout: float = 30.0,
         setup_timeout: float = 60.0,
-        limits: Limits | None = None,
+        limits: ReceiveLimits | None = None,
         trace: TraceHook | None = None,
     ) -> None:
         self.channels = channels
@@ -153,8 +100,9 @@ class Destination:
         self.compression = compression
         self.io_timeout = io_timeout
         self.setup_timeout = setup_timeout
-        self.limits = limits or Limits()
+        self.limits = limits or ReceiveLimits()
         self.trace = trace
+        self.refused: list[ChannelRefused] = []
         self.ram = Ram()
         self._preallocated: tuple[tuple[str, int], ...] | None = None
         self._blocks_announced = False
@@ -163,7 +111,9 @@ class Destination:
         self.sync_mode: SyncMode | None = None
         self._receiver: Receiver | None = None
         self._main: socket.socket | None = None
-        self._decoder = stream.StreamDecoder(MAIN)
+        self._decoder = stream.StreamDecoder(
+            MAIN, max_blocks=self.limits.max_blocks, max_name_len=self.limits.max_name_len
+        )
         self._flush_seen = False
         self._eof_seen = False
         self._start = 0.0
@@ -175,7 +125,11 @@ class Destination:
 
     # -- the whole migration ----------------------------------------------------------------
     def run(self, listener: transport.Listener) -> MigrationStats:
-        """Accept the channels from ``listener`` and receive one migration."""
+        """Accept the channels from ``listener`` and receive one migration.
+
+        TLS is used if ``listener.address`` carries a config. The listener is closed once
+        every channel is there.
+        """
         self._start = time.monotonic()
         self.status = Status.SETUP
         try:
@@ -189,6 +143,7 @@ class Destination:
                     io_timeout=self.io_timeout,
                 )
             self._main = self._accept_channels(listener)
+            listener.close()  # every channel is here: later connections are refused
             self._setup_ms = (time.monotonic() - self._start) * 1e3
             self.status = Status.ACTIVE
             self._load()
@@ -219,26 +174,44 @@ class Destination:
     # -- setup: accept and classify ---------------------------------------------------------
     def _accept_channels(self, listener: transport.Listener) -> socket.socket:
         deadline = time.monotonic() + self.setup_timeout
-        with _Arrivals(listener, self.io_timeout) as arrivals:
-            while arrivals.main is None or arrivals.multifd < self.channels:
+        with Arrivals(
+            listener,
+            expected=1 + self.channels,
+            limits=self.limits,
+            io_timeout=self.io_timeout,
+            on_refused=self.refused.append,
+        ) as arrivals:
+            while not self._all_here(arrivals):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._setup_timed_out(arrivals)
-                for sock in arrivals.ready(min(remaining, _POLL)):
-                    if transport.classify(sock, timeout=self.io_timeout) == "main":
+                arrivals.wait(min(remaining, _POLL))
+                while not self._all_here(arrivals) and (identified := arrivals.pop()):
+                    sock, kind = identified
+                    if kind == "main":
                         arrivals.set_main(sock)
                     else:
                         arrivals.multifd += 1
                         self._accept_multifd(sock)
-            return arrivals.take_main()
+            log.info("all %d channels connected", 1 + self.channels)
+            arrivals.refuse_the_rest()
+            return arrivals.take_main(_POLL)
 
-    def _setup_timed_out(self, arrivals: _Arrivals) -> NoReturn:
+    def _all_here(self, arrivals: Arrivals) -> bool:
+        return arrivals.main is not None and arrivals.multifd == self.channels
+
+    def _setup_timed_out(self, arrivals: Arrivals) -> NoReturn:
+        refused = ""
+        if self.refused:
+            refused = f"; {len(self.refused)} connection(s) refused, the last: {self.refused[-1]}"
         if arrivals.main is None:
-            raise ChannelError(f"no main channel within {self.setup_timeout:g} s", channel=MAIN)
+            raise ChannelError(
+                f"no main channel within {self.setup_timeout:g} s{refused}", channel=MAIN
+            )
         raise ChannelError(
             f"{arrivals.multifd} of {self.channels} multifd channels arrived within "
             f"{self.setup_timeout:g} s; does the source use multifd with "
-            f"{self.channels} channels?",
+            f"{self.channels} channels?{refused}",
             channel="multifd",
         )
 
@@ -274,8 +247,10 @@ class Destination:
                 self._check_receiver()
                 continue
             except OSError as exc:
+                self._check_receiver()  # a multifd channel that failed first names the cause
                 raise ChannelError(f"receive failed: {exc}", channel=MAIN) from exc
             if count == 0:
+                self._check_receiver()  # as above: the source may have closed main because of it
                 self._decoder.close()
                 self._drain_events()
                 break
@@ -306,8 +281,7 @@ class Destination:
             case stream.RamPage(block=name, offset=offset, data=data):
                 block = self._block(name, offset)
                 block.view[offset : offset + PAGE_SIZE] = data
-                if block.known_zero is not None:
-                    block.known_zero[offset // PAGE_SIZE] = False
+                block.written_page(offset // PAGE_SIZE)
                 self._main_pages += 1
             case stream.RamZero(block=name, offset=offset, fill=fill):
                 self._apply_zero(name, offset, fill)
@@ -378,28 +352,8 @@ class Destination:
             raise ProtocolError(
                 "ram setup", channel=MAIN, expected="one MEM_SIZE record", received="a second one"
             )
-        if len(blocks) > self.limits.max_blocks:
-            raise ProtocolError(
-                "ram block count",
-                channel=MAIN,
-                expected=f"<= {self.limits.max_blocks}",
-                received=len(blocks),
-            )
-        if total > self.limits.max_total:
-            raise ProtocolError(
-                "total ram size",
-                channel=MAIN,
-                expected=f"<= {self.limits.max_total}",
-                received=total,
-            )
+        self.limits.check_blocks(total, blocks, channel=MAIN)  # all of them, before allocating
         for name, size in blocks:
-            if size <= 0 or size % PAGE_SIZE:
-                raise ProtocolError(
-                    f"size of block {name!r}",
-                    channel=MAIN,
-                    expected=f"a positive multiple of {PAGE_SIZE}",
-                    received=size,
-                )
             block = self._new_block(name, size)
             block.prefault()
             self.ram.add(block)
@@ -462,11 +416,16 @@ class Destination:
 
     def _sync(self, marker: str) -> None:
         if self._receiver is None:
+            self._at_marker(marker)
             return
-        self._receiver.wait_sync(self.io_timeout)
+        self._receiver.wait_sync(self.io_timeout, while_parked=lambda: self._at_marker(marker))
         self._syncs += 1
         if self.trace is not None:
             emit(self.trace, "recv", MAIN, record=marker)
+
+    def _at_marker(self, marker: str) -> None:
+        """Hook for subclasses (the relay): runs at each sync marker, ``marker`` being
+        ``"EOS"`` or ``"MULTIFD_FLUSH"``, while no channel writes RAM."""
 
     # -- statistics -------------------------------------------------------------------------
     def stats(self) -> MigrationStats:

@@ -15,8 +15,12 @@ remaining bytes / bandwidth. When that is within ``downtime_limit`` it switches 
 stream's completion, and ``stopped`` is called. If the migration fails or is cancelled after
 ``pause``, ``resume`` is called instead; the source's memory is never written.
 
-Pages taken from the tracker and not yet covered by a completed sync are given back to it
-on failure or cancel, so a later attempt (or any other user of the dirty log) loses nothing.
+Nothing the source sends is acknowledged before the migration completes: QEMU's precopy
+stream has no return path, so a completed sync only says the bytes left this host, and a
+destination that fails throws everything away. On failure or cancel every page taken
+during the attempt is therefore given back to the tracker, so a later attempt (or any other
+user of the dirty log) loses nothing. Once the last byte of the stream has left, the
+migration is completed: a cancel that comes later is too late to take it back.
 A migration that does not converge within ``timeout`` seconds or ``max_passes`` passes
 follows ``on_timeout``: ``cancel`` fails it with the reason (dirty rate against bandwidth),
 ``force`` switches over anyway and the downtime reports what it really cost.
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 
 from multifd import transport
 from multifd.engine.trace import TraceHook
@@ -192,7 +197,7 @@ class Precopy:
         self._status = Status.NONE
         self._start = 0.0
         self._figures = _Progress()
-        self._taken: dict[str, Pages] = {}  # owned by the migration thread
+        self._undelivered = _Undelivered(tracker.source_ram)  # owned by the migration thread
         self._paused = False  # owned by the migration thread
 
     # -- public ------------------------------------------------------------------------------
@@ -262,9 +267,10 @@ class Precopy:
         pages = self.tracker.take(everything=True)
         pace = Pacer(self.limits.max_bandwidth, self._cancel) if self.limits.max_bandwidth else None
         while True:
-            self._taken = pages
+            self._undelivered.add(pages)
             report = self._run_pass(pages, pace)
-            self._taken = pages = self.tracker.take()
+            pages = self.tracker.take()
+            self._undelivered.add(pages)
             report = report.with_dirty(_count(pages))
             self._record(report)
             remaining = report.dirty_pages
@@ -324,21 +330,23 @@ class Precopy:
         self._paused = True
         # Pages dirtied since the last take, now that the writers are stopped.
         final = _union(rest, self.tracker.take())
-        self._taken = final
+        self._undelivered.add(final)
         self._source.complete(final)
-        self._taken = {}
+        # Every byte has left: the destination completes whatever a late cancel() says.
+        self._undelivered.clear()
         self._figures.downtime_ms = (time.monotonic() - paused_at) * 1e3
         self._figures.remaining_pages = 0
-        self._move(Status.COMPLETED)
+        self._move(Status.COMPLETED, late_cancel_ok=True)
         self.hooks.stopped()
 
     # -- the end -----------------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:
         if isinstance(exc, KeyboardInterrupt):  # Ctrl-C on the migrating thread: a cancel
             self.cancel()
-        if self._taken:
-            self.tracker.restore(self._taken)
-            self._taken = {}
+        undelivered = self._undelivered.pages()
+        if undelivered:
+            self.tracker.restore(undelivered)
+            self._undelivered.clear()
         if self._paused:
             self.hooks.resume()
         with self._lock:
@@ -356,8 +364,12 @@ class Precopy:
             raise failed from exc
         raise exc
 
-    def _move(self, status: Status) -> None:
+    def _move(self, status: Status, *, late_cancel_ok: bool = False) -> None:
         with self._lock:
+            if self._status is Status.CANCELLING and late_cancel_ok:
+                log.warning("cancel came after the last byte left: the migration completed")
+                self._status = Status.DEVICE
+                self._cancel.clear()
             if self._status is Status.CANCELLING:
                 raise MigrationCancelled("migration cancelled")
             if status not in _NEXT[self._status]:
@@ -368,6 +380,31 @@ class Precopy:
     def _tick(self) -> None:
         if self.progress is not None:
             self.progress(self.stats())
+
+
+class _Undelivered:
+    """Every page taken during one attempt: none is delivered before the migration completes.
+
+    One flag per page of each block (a byte a page: 16 MiB for 64 GiB of RAM).
+    """
+
+    def __init__(self, ram: Ram) -> None:
+        self._blocks = {block.name: block.page_count for block in ram}
+        self._taken: dict[str, npt.NDArray[np.bool_]] = {}
+
+    def add(self, taken: Mapping[str, Pages]) -> None:
+        for name, pages in taken.items():
+            if len(pages):
+                flags = self._taken.get(name)
+                if flags is None:
+                    flags = self._taken[name] = np.zeros(self._blocks[name], dtype=np.bool_)
+                flags[pages] = True
+
+    def pages(self) -> dict[str, Pages]:
+        return {name: np.flatnonzero(flags) for name, flags in self._taken.items()}
+
+    def clear(self) -> None:
+        self._taken.clear()
 
 
 def _bandwidth(passes: list[PassStats]) -> float:

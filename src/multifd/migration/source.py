@@ -16,6 +16,10 @@ The stream for a one-pass migration::
     [switchover-start]
     ram END:   EOS, footer
     timer FULL, globalstate FULL, EOF, vmdesc
+
+A relay or a replay writes another machine's stream: it gives the configuration record
+as the source sent it, the ``ram`` section's ids as the source announced them, and writes
+the device state itself (:meth:`Source.forward`) instead of the ``-M none`` sections.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -62,12 +67,24 @@ _IOV_MAX: Final = 512
 Pages = npt.NDArray[np.int64]  # page numbers of one block, ascending
 
 
+@dataclass(frozen=True, slots=True)
+class RamSection:
+    """The ``ram`` section's header fields; a relay keeps those its source announced."""
+
+    section_id: int = RAM_SECTION_ID
+    instance_id: int = 0
+    version_id: int = RAM_SECTION_VERSION
+
+
 class MainChannel:
     """Buffered writer for the main migration stream over one socket."""
 
-    def __init__(self, sock: socket.socket, *, trace: TraceHook | None) -> None:
+    def __init__(
+        self, sock: socket.socket, *, trace: TraceHook | None, timeout: float | None = None
+    ) -> None:
         self._sock = sock
         self._trace = trace
+        self._timeout = timeout  # bounds each flush as a whole (write_buffers)
         self._pending: list[bytes | memoryview] = []
         self.bytes_sent = 0
         self.records = 0
@@ -87,7 +104,9 @@ class MainChannel:
     def flush(self) -> None:
         if self._pending:
             pending, self._pending = self._pending, []
-            self.bytes_sent += transport.send_all(self._sock, pending, channel=MAIN)
+            self.bytes_sent += transport.send_all(
+                self._sock, pending, channel=MAIN, timeout=self._timeout
+            )
             self.records += 1
 
 
@@ -107,6 +126,11 @@ class Source:
         level: compression level, or None for QEMU's default.
         trace: sees every packet and marker sent.
         progress: called after each chunk of pages is handed to the channels.
+        configuration: the configuration record to send as is (a relay's source's);
+            None sends machine type ``none``.
+        ram_section: the ids of the ``ram`` section.
+        device_state: whether :meth:`complete` writes the ``-M none`` device sections,
+            EOF and the VM description; a relay forwards its source's instead.
     """
 
     def __init__(
@@ -121,6 +145,9 @@ class Source:
         io_timeout: float = 30.0,
         trace: TraceHook | None = None,
         progress: Callable[[], None] | None = None,
+        configuration: bytes | None = None,
+        ram_section: RamSection = RamSection(),
+        device_state: bool = True,
     ) -> None:
         self.ram = ram
         self.profile = profile
@@ -131,6 +158,9 @@ class Source:
         self.io_timeout = io_timeout
         self.trace = trace
         self.progress = progress
+        self.configuration = configuration or stream.configuration(MACHINE_TYPE)
+        self.ram_section = ram_section
+        self.device_state = device_state
         self._sender: Sender | None = None
         self._main: MainChannel | None = None
         self._start = 0.0
@@ -156,7 +186,7 @@ class Source:
                 address, timeout=connect_timeout, channel=multifd_channel(index)
             )
             self._sockets.append(sock)
-        self._main = MainChannel(main_sock, trace=self.trace)
+        self._main = MainChannel(main_sock, trace=self.trace, timeout=self.io_timeout)
         if self.channels:
             self._sender = Sender(
                 self._sockets[1:],
@@ -191,43 +221,54 @@ class Source:
     def setup(self) -> None:
         """Header, configuration and the RAM block list, with the setup sync."""
         main = self._require_main()
+        section = self.ram_section
         main.write(
             stream.file_header(),
-            stream.configuration(MACHINE_TYPE),
-            stream.section_start(RAM_SECTION_ID, "ram", 0, RAM_SECTION_VERSION),
+            self.configuration,
+            stream.section_start(
+                section.section_id, "ram", section.instance_id, section.version_id
+            ),
             stream.ram_mem_size([(block.name, block.size) for block in self.ram]),
         )
         # The setup SYNC keeps destination channel threads away from RAM until the block
         # list has been loaded (spec 6.3).
         self._round_end(sync=True)
-        main.write(stream.section_footer(RAM_SECTION_ID))
+        main.write(stream.section_footer(section.section_id))
         main.flush()
         self._setup_ms = (time.monotonic() - self._start) * 1e3
 
     def send_pass(self, pages: Mapping[str, Pages], *, pace: Pacer | None = None) -> None:
         """One pass: a PART section with ``pages`` of each block, ending with a sync round."""
         main = self._require_main()
-        main.write(stream.section_part(RAM_SECTION_ID))
+        main.write(stream.section_part(self.ram_section.section_id))
         self._send_all(pages, pace)
         self._round_end(sync=True)
-        main.write(stream.section_footer(RAM_SECTION_ID))
+        main.write(stream.section_footer(self.ram_section.section_id))
         main.flush()
 
     def complete(self, pages: Mapping[str, Pages]) -> None:
-        """The last pages in the END section, the device sections, EOF and the description."""
+        """The last pages in the END section; then, with ``device_state``, the device
+        sections, EOF and the description."""
         main = self._require_main()
         if self.profile.switchover_start:
             main.write(stream.switchover_start())
-        main.write(stream.section_end(RAM_SECTION_ID))
+        main.write(stream.section_end(self.ram_section.section_id))
         self._send_all(pages, None)
         self._round_end(sync=True)
-        main.write(
-            stream.section_footer(RAM_SECTION_ID),
-            stream.timer_section(TIMER_SECTION_ID),
-            stream.globalstate_section(GLOBALSTATE_SECTION_ID, "running"),
-            stream.eof(),
-            stream.vmdescription(_vmdesc()),
-        )
+        main.write(stream.section_footer(self.ram_section.section_id))
+        if self.device_state:
+            main.write(
+                stream.timer_section(TIMER_SECTION_ID),
+                stream.globalstate_section(GLOBALSTATE_SECTION_ID, "running"),
+                stream.eof(),
+                stream.vmdescription(_vmdesc()),
+            )
+        main.flush()
+
+    def forward(self, *chunks: bytes | memoryview) -> None:
+        """Write stream bytes made elsewhere (a relay's passed-through records) now."""
+        main = self._require_main()
+        main.write(*chunks)
         main.flush()
 
     def _round_end(self, *, sync: bool) -> None:

@@ -94,6 +94,7 @@ __all__ = [
     "VmDescription",
     "command",
     "configuration",
+    "ends_with_eof",
     "eof",
     "file_header",
     "globalstate_section",
@@ -250,3 +251,26 @@ def eof() -> bytes:
 def vmdescription(json: bytes) -> bytes:
     """The VM description record that follows EOF: 0x06, be32 length, JSON."""
     return TYPE_LEN32.pack(QEMU_VM_VMDESCRIPTION, len(json)) + json
+
+
+def ends_with_eof(data: bytes | bytearray) -> bool:
+    """Whether ``data``, the end of a stream, is ``QEMU_VM_EOF`` plus an optional VM
+    description (a JSON object) that reaches exactly to its last byte.
+
+    A passed-through tail cannot be decoded without each device's vmstate layout; this is
+    the check left for it: a stream cut short almost never ends like that. ``data`` must
+    hold the whole description for the check to see it.
+    """
+    if data[-1:] == eof():
+        return True
+    marker = eof() + bytes((QEMU_VM_VMDESCRIPTION,))
+    at = len(data)
+    # JSON holds no NUL byte, but the length field may: try each candidate from the end.
+    while (at := data.rfind(marker, 0, at)) >= 0:
+        header = at + 1
+        if len(data) - header >= TYPE_LEN32.size:
+            _kind, length = TYPE_LEN32.unpack_from(data, header)
+            start = header + TYPE_LEN32.size
+            if start + length == len(data) and data[start : start + 1] == b"{":
+                return True
+    return False

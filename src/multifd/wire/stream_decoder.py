@@ -13,12 +13,19 @@ FULL sections are decoded by the :class:`~multifd.wire.records.SectionParser` re
 for their idstr. Every malformed input raises :class:`~multifd.errors.ProtocolError`;
 after one, the decoder raises it again on every call. Memory stays bounded by the limits
 given to the constructor, whatever lengths the peer announces.
+
+Two opt-in features serve a peer that forwards a stream rather than loading it (a relay,
+a recorder). ``keep_raw`` names record types whose exact bytes :attr:`StreamDecoder.raw`
+holds after the event is returned, so they can be passed on unchanged. ``tail_after_ram``
+stops decoding once the ``ram`` section's END is closed by its footer: the device state
+that follows (EOF and the VM description included) has lengths only its device's vmstate
+description knows, so it is handed over undecoded by :meth:`StreamDecoder.take_tail`.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -124,6 +131,7 @@ class _State(enum.Enum):
     FOOTER = "a section footer"
     AFTER_EOF = "a VM description or the end of the stream"
     DONE = "the end of the stream"
+    TAIL = "the rest of the stream, undecoded"
 
 
 @dataclass(slots=True)
@@ -145,6 +153,10 @@ class StreamDecoder:
         max_vmdesc: largest VM description accepted, in bytes.
         max_section_size: largest FULL section body a parser may need, in bytes.
         sections: FULL section parsers by idstr.
+        keep_raw: event types (e.g. ``Configuration``, ``Command``) whose record bytes
+            :attr:`raw` keeps.
+        tail_after_ram: after the footer of the ``ram`` END, decode nothing more: the
+            rest is read with :meth:`take_tail`.
 
     Not thread-safe: one thread feeds and drains a decoder.
     """
@@ -158,6 +170,8 @@ class StreamDecoder:
         max_vmdesc: int = 16 << 20,
         max_section_size: int = 1 << 20,
         sections: Mapping[str, SectionParser] = DEFAULT_SECTIONS,
+        keep_raw: Collection[type[Event]] = (),
+        tail_after_ram: bool = False,
     ) -> None:
         self.channel: Final = channel
         self._max_blocks = max_blocks
@@ -165,6 +179,9 @@ class StreamDecoder:
         self._max_vmdesc = max_vmdesc
         self._max_section_size = max_section_size
         self._sections = dict(sections)
+        self._keep_raw = frozenset(keep_raw)
+        self._tail_after_ram = tail_after_ram
+        self._raw: bytes | None = None
         self._buf = bytearray()
         self._pos = 0  # first unconsumed byte of _buf
         self._base = 0  # stream offset of _buf[0], for error messages
@@ -178,6 +195,7 @@ class StreamDecoder:
             _State.FOOTER: self._read_footer,
             _State.AFTER_EOF: self._read_after_eof,
             _State.DONE: self._read_done,
+            _State.TAIL: self._read_tail,
         }
         self._section: _Section | None = None
         self._started: dict[int, bool] = {}  # ram section ids seen in START -> END seen
@@ -197,6 +215,34 @@ class StreamDecoder:
     def offset(self) -> int:
         """Stream offset of the first byte not yet decoded."""
         return self._base + self._pos
+
+    @property
+    def raw(self) -> bytes | None:
+        """The record bytes of the last event returned, if its type is in ``keep_raw``."""
+        return self._raw
+
+    @property
+    def in_tail(self) -> bool:
+        """Whether the ``ram`` END has been closed in ``tail_after_ram`` mode."""
+        return self._state is _State.TAIL
+
+    def take_tail(self) -> bytes:
+        """The bytes fed after the ``ram`` END's footer and not taken yet (``tail_after_ram``).
+
+        Empty before the tail starts. The bytes are not decoded: whatever they hold is
+        for the final destination to judge.
+
+        Raises:
+            ProtocolError: the stream failed earlier (the same error again).
+        """
+        if self._error is not None:
+            raise self._error
+        if self._state is not _State.TAIL:
+            return b""
+        end = len(self._buf)
+        data = self._take(self._pos, end)
+        self._pos = end
+        return data
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the peer (copied; the caller may reuse ``data``)."""
@@ -240,7 +286,7 @@ class StreamDecoder:
             raise self._error
         self._closed = True
         pending = len(self._buf) - self._pos
-        if self._state in (_State.AFTER_EOF, _State.DONE) and not pending:
+        if self._state in (_State.AFTER_EOF, _State.DONE, _State.TAIL) and not pending:
             return
         self._error = self._error_at(
             "stream ended early", self._state.value, f"end of input with {pending} undecoded bytes"
@@ -267,6 +313,8 @@ class StreamDecoder:
         raw = self._take(at, at + length)
         if not raw:
             raise self._error_at(what, "a non-empty name", "an empty name")
+        if b"\0" in raw:  # QEMU's names are C strings: a NUL would end them early
+            raise self._error_at(what, "a name without NUL bytes", raw[:64])
         try:
             return raw.decode()
         except UnicodeDecodeError:
@@ -282,6 +330,8 @@ class StreamDecoder:
         return self._name(at + 1, length, what), at + 1 + length
 
     def _commit(self, end: int, state: _State, event: Event) -> Event:
+        if self._keep_raw:
+            self._raw = self._take(self._pos, end) if type(event) in self._keep_raw else None
         self._pos = end
         self._state = state
         return event
@@ -371,6 +421,9 @@ class StreamDecoder:
             return None
         event = VmDescription(self._take(start, start + length))
         return self._commit(start + length, _State.DONE, event)
+
+    def _read_tail(self) -> Event | None:
+        return None  # take_tail() hands the bytes over as they are
 
     def _read_done(self) -> Event | None:
         if self._available(self._pos) < 1:
@@ -483,7 +536,9 @@ class StreamDecoder:
                 f"footer of section {section.idstr!r}", section.section_id, section_id
             )
         self._section = None
-        return self._commit(self._pos + SECTION_ID.size, _State.TOP, SectionFooter(section_id))
+        ram_ended = section.parser is None and self._started.get(section_id, False)
+        state = _State.TAIL if ram_ended and self._tail_after_ram else _State.TOP
+        return self._commit(self._pos + SECTION_ID.size, state, SectionFooter(section_id))
 
     # -- ram records ------------------------------------------------------------------------
     def _read_ram(self) -> Event | None:
