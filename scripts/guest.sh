@@ -39,24 +39,8 @@ stamp="$out/.complete"
 
 log() { printf 'guest: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-
-# The mirror this machine's apt already uses for Debian (deb822 or one-line sources).
-system_mirror() {
-    local files=(/etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list)
-    local file uri
-    for file in "${files[@]}"; do
-        [[ -r "$file" ]] || continue
-        uri="$(sed -n -E \
-            -e 's#^URIs:[[:space:]]*([^[:space:]]*/debian)/?([[:space:]].*)?$#\1#p' \
-            -e 's#^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]*/debian)/?[[:space:]].*$#\2#p' \
-            "$file" | head -n 1)"
-        if [[ -n "$uri" ]]; then
-            printf '%s\n' "$uri"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/private-apt.sh
+source "$(dirname "$0")/private-apt.sh"
 
 recipe_hash() {
     cat "$0" "$repo/scripts/initramfs.py" | sha256sum | cut -d' ' -f1
@@ -68,29 +52,15 @@ fetch() {
     mirror="${GUEST_MIRROR:-$(system_mirror)}" || die "no Debian mirror in /etc/apt; set GUEST_MIRROR"
     work="$out/.apt"
     rm -rf "$work"
-    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs" \
-        "$work/etc/preferences.d" "$work/root"
-    : >"$work/status"
-    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
-        "$mirror" "$suite" "$keyring" >"$work/etc/$suite.sources"
-    local apt_opts=(
-        -o "Dir::State=$work" -o "Dir::State::lists=$work/lists"
-        -o "Dir::State::status=$work/status" -o "Dir::Cache=$work/cache"
-        -o "Dir::Etc::sourcelist=/dev/null" -o "Dir::Etc::sourceparts=$work/etc"
-        -o "Dir::Etc::preferencesparts=$work/etc/preferences.d"
-        -o "APT::Architecture=amd64" -o "APT::Architectures::=amd64"
-        -o "APT::Sandbox::User=root"
-    )
-    apt-get "${apt_opts[@]}" -qq update >&2 || die "apt-get update for $suite failed"
-    # apt-get update only warns when a mirror is unreachable.
-    compgen -G "$work/lists/*_Packages*" >/dev/null || die "no package lists from $mirror $suite"
+    mkdir -p "$work/root"
+    private_apt "$work" "$mirror" "$suite" "$keyring"
     # The metapackage only depends on the versioned kernel package, which holds the image.
     local kernel
-    kernel="$(apt-cache "${apt_opts[@]}" depends "$meta" \
+    kernel="$(apt-cache "${APT_OPTS[@]}" depends "$meta" \
         | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ {print $2; exit}')"
     [[ -n "$kernel" ]] || die "$suite: no versioned kernel package behind $meta"
     log "fetching $kernel and busybox-static from $suite"
-    (cd "$work/debs" && apt-get "${apt_opts[@]}" -qq download "$kernel" busybox-static) >&2 \
+    (cd "$work/debs" && apt-get "${APT_OPTS[@]}" -qq download "$kernel" busybox-static) >&2 \
         || die "apt-get download failed"
     local deb
     for deb in "$work/debs"/*.deb; do

@@ -33,25 +33,8 @@ wrapper="$prefix/bin/qemu-system-x86_64"
 
 log() { printf 'qemu10: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
-
-# The mirror this machine's apt already uses for Debian (deb822 or one-line sources),
-# so the script reaches only the registry the machine is set up for.
-system_mirror() {
-    local files=(/etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list)
-    local file uri
-    for file in "${files[@]}"; do
-        [[ -r "$file" ]] || continue
-        uri="$(sed -n -E \
-            -e 's#^URIs:[[:space:]]*([^[:space:]]*/debian)/?([[:space:]].*)?$#\1#p' \
-            -e 's#^deb[[:space:]]+(\[[^]]*\][[:space:]]+)?([^[:space:]]*/debian)/?[[:space:]].*$#\2#p' \
-            "$file" | head -n 1)"
-        if [[ -n "$uri" ]]; then
-            printf '%s\n' "$uri"
-            return 0
-        fi
-    done
-    return 1
-}
+# shellcheck source=scripts/private-apt.sh
+source "$(dirname "$0")/private-apt.sh"
 
 verify() {
     local libdirs="$1" object listing="" version
@@ -102,35 +85,22 @@ main() {
     mirror="${QEMU10_MIRROR:-$(system_mirror)}" || die "no Debian mirror in /etc/apt; set QEMU10_MIRROR"
     mkdir -p "$prefix"
     work="$prefix/.apt"
-    mkdir -p "$work/lists/partial" "$work/cache/archives/partial" "$work/debs" "$work/etc/preferences.d"
-    : >"$work/status"
-    printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' \
-        "$mirror" "$suite" "$keyring" >"$work/etc/$suite.sources"
-    local apt_opts=(
-        -o "Dir::State=$work" -o "Dir::State::lists=$work/lists"
-        -o "Dir::State::status=$work/status" -o "Dir::Cache=$work/cache"
-        -o "Dir::Etc::sourcelist=/dev/null" -o "Dir::Etc::sourceparts=$work/etc"
-        -o "Dir::Etc::preferencesparts=$work/etc/preferences.d"
-        -o "APT::Architecture=amd64" -o "APT::Architectures::=amd64"
-        -o "APT::Install-Recommends=false" -o "APT::Install-Suggests=false"
-        -o "APT::Sandbox::User=root"
-    )
-    apt-get "${apt_opts[@]}" -qq update >&2 || die "apt-get update for $suite failed"
+    private_apt "$work" "$mirror" "$suite" "$keyring"
 
     local candidate
-    candidate="$(apt-cache "${apt_opts[@]}" policy "$package" | awk '/Candidate:/ {print $2}')"
+    candidate="$(apt-cache "${APT_OPTS[@]}" policy "$package" | awk '/Candidate:/ {print $2}')"
     [[ "$candidate" == 1:$want_major.* ]] || die "$suite offers $package '$candidate'"
     # Against the empty status, a simulated install lists the whole Depends/Pre-Depends
     # closure (Recommends are off above) with the exact versions to fetch.
     local plan
-    plan="$(apt-get "${apt_opts[@]}" -s install "$package" \
+    plan="$(apt-get "${APT_OPTS[@]}" -s install "$package" \
         | awk '/^Inst / {gsub(/[()]/, "", $3); print $2 "=" $3}')"
     [[ -n "$plan" ]] || die "apt resolved no packages for $package"
     log "fetching $(wc -l <<<"$plan") packages from $suite"
     local wanted
     mapfile -t wanted <<<"$plan"
     rm -f "$work/debs"/*.deb
-    (cd "$work/debs" && apt-get "${apt_opts[@]}" -qq download "${wanted[@]}") >&2 \
+    (cd "$work/debs" && apt-get "${APT_OPTS[@]}" -qq download "${wanted[@]}") >&2 \
         || die "apt-get download failed"
 
     local old
