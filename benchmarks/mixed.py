@@ -64,9 +64,9 @@ from throughput import (
     _seconds,
     machine,
     parse_size,
+    receiver_process,
     run_send_worker,
 )
-from throughput import _receiver as receiver_process
 
 import multifd
 from multifd.ram import RamBlock, zero_pages

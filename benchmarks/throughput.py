@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
@@ -241,7 +241,7 @@ def python_to_python(channels: int) -> Callable[[Setup, Row], None]:
     """`multifd.send()` into `multifd receive` with ``channels`` channels."""
 
     def run(setup: Setup, row: Row) -> None:
-        with _receiver(setup, channels) as (receiver, uri, output):
+        with receiver_process(setup, channels) as (receiver, uri, output):
             start = _send(setup, uri, channels, "native")
             result = receiver.wait(setup.timeout)
             _require_ok("receive", result.returncode, result.stderr)
@@ -254,7 +254,7 @@ def python_to_python(channels: int) -> Callable[[Setup, Row], None]:
 
 def qemu_to_python(setup: Setup, row: Row) -> None:
     """QEMU source into `multifd receive`, 2 channels."""
-    with _receiver(setup, 2) as (receiver, uri, output), _source_vm(setup) as source:
+    with receiver_process(setup, 2) as (receiver, uri, output), _source_vm(setup) as source:
         source.configure(2, max_bandwidth=FAST)
         start = time.time()
         source.migrate(uri)
@@ -294,10 +294,13 @@ def _destination_vm(setup: Setup, *, channels: int) -> Iterator[QemuVm]:
 
 
 @contextlib.contextmanager
-def _receiver(
-    setup: Setup, channels: int, compression: str = "none"
+def receiver_process(
+    setup: Setup, channels: int, compression: str = "none", extra_args: Sequence[str] = ()
 ) -> Iterator[tuple[MultifdProcess, str, Path]]:
-    """A pre-allocated ``multifd receive`` listening on a free port, and its output folder."""
+    """A pre-allocated ``multifd receive`` listening on a free port, and its output folder.
+
+    ``extra_args`` go on its command line after the usual ones (TLS options, say).
+    """
     output = Path(tempfile.mkdtemp(prefix="received-", dir=setup.scratch))
     try:
         args = receive_args(
@@ -308,7 +311,7 @@ def _receiver(
             prealloc={BLOCK_NAME: setup.size},
             compression=compression,
         )
-        with MultifdProcess(args, timeout=setup.timeout) as receiver:
+        with MultifdProcess([*args, *extra_args], timeout=setup.timeout) as receiver:
             yield receiver, as_uri(receiver.listening_address(setup.timeout)), output
     finally:
         for leftover in output.iterdir():

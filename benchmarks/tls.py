@@ -20,14 +20,13 @@ results/tls-<date>.md and .json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import mmap
 import statistics
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
@@ -36,7 +35,6 @@ from typing import Any, Final
 # the repository root too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.interop.cli import MultifdProcess, as_uri, receive_args
 from tests.interop.qemu import BLOCK_NAME, write_ram_image
 from tests.tls.pki import Pki, make_pki
 from throughput import (
@@ -54,6 +52,7 @@ from throughput import (
     _seconds,
     machine,
     parse_size,
+    receiver_process,
     run_send_worker,
 )
 
@@ -78,34 +77,12 @@ def _tls_flags(config: TlsConfig) -> list[str]:
     ]
 
 
-@contextlib.contextmanager
-def _receiver(
-    setup: Setup, channels: int, pki: Pki | None
-) -> Iterator[tuple[MultifdProcess, str, Path]]:
-    """A pre-allocated ``multifd receive`` (TLS if ``pki``) and its output folder."""
-    output = Path(tempfile.mkdtemp(prefix="received-", dir=setup.scratch))
-    try:
-        args = receive_args(
-            "tcp:127.0.0.1:0",
-            channels=channels,
-            output=output,
-            json_out=False,
-            prealloc={BLOCK_NAME: setup.size},
-        )
-        args += _tls_flags(pki.dest) if pki is not None else []
-        with MultifdProcess(args, timeout=setup.timeout) as receiver:
-            yield receiver, as_uri(receiver.listening_address(setup.timeout)), output
-    finally:
-        for leftover in output.iterdir():
-            leftover.unlink()
-        output.rmdir()
-
-
 def python_to_python(channels: int, pki: Pki | None) -> Callable[[Setup, Row], None]:
     """`multifd.send()` into `multifd receive`, with ``channels`` channels, TLS if ``pki``."""
 
     def run(setup: Setup, row: Row) -> None:
-        with _receiver(setup, channels, pki) as (receiver, uri, output):
+        flags = _tls_flags(pki.dest) if pki is not None else []
+        with receiver_process(setup, channels, extra_args=flags) as (receiver, uri, output):
             args = ["--send-worker", str(setup.image), "--channels", str(channels)]
             args += ["--pki", str(pki.folder)] if pki is not None else []
             start = run_send_worker(__file__, args, uri, setup.timeout)
