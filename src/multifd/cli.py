@@ -201,6 +201,13 @@ def receive(
 @click.option(
     "--resume-source", is_flag=True, help="Continue the --pause-pid process after success too."
 )
+@click.option(
+    "--return-path/--no-return-path",
+    default=True,
+    show_default=True,
+    help="Complete only once the destination reports success on QEMU's return path "
+    "(within --io-timeout after the last byte).",
+)
 @DOWNTIME_LIMIT
 @click.option(
     "--max-bandwidth", default=None, metavar="BYTES", help="Bytes per second at most, e.g. 100M."
@@ -234,6 +241,7 @@ def send(
     live: bool,
     pause_pid: int | None,
     resume_source: bool,
+    return_path: bool,
     downtime_limit: float,
     max_bandwidth: str | None,
     max_passes: int | None,
@@ -274,7 +282,8 @@ def send(
         )
         stats = _run_send(address, ram, live=live, as_json=as_json, limits=limits, hooks=hooks,
                           channels=channels, peer=peer, uuid=uuid, compression=compression,
-                          level=level, io_timeout=io_timeout, tls=tls)  # fmt: skip
+                          level=level, io_timeout=io_timeout, tls=tls,
+                          return_path=return_path)  # fmt: skip
     except MigrationCancelled:
         err.print("multifd: cancelled", markup=False)
         sys.exit(130)

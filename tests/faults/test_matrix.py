@@ -6,11 +6,11 @@ the fault proxy, and checks:
 * the fault fired (a cell whose fault never fires proves nothing);
 * the destination fails (``MigrationFailed``, never a result), within ``SLOW`` seconds, and
   when the fault is on its own socket within ``FAST``, naming the channel and the cause;
-* the source either fails within ``SLOW`` (naming a channel and a cause; within ``FAST`` when
-  it names the faulted channel), its writer running again and every page dirty in its log
-  (no page was delivered to a migration that completed) — or it completed because its last
-  byte had left before the fault could reach it: QEMU's precopy stream has no return path,
-  so no source can know (see docs/reliability.md); its writer then stays paused;
+* the source fails within ``SLOW`` (naming a channel and a cause; within ``FAST`` when it
+  names the faulted channel), its writer running again and every page dirty in its log (no
+  page was delivered to a migration that completed). It never completes: with QEMU's return
+  path (on by default) it waits for the destination's SHUT, so a fault that strikes after
+  its last byte left fails it too, on ``main (return path)`` (F1 in docs/reliability.md);
 * the source memory is exactly what the writer wrote, no engine thread is left, and a fresh
   attempt to a new destination succeeds with the right content.
 
@@ -70,13 +70,9 @@ def check_destination(cell: Cell, attempt: Attempt) -> None:
 
 
 def check_source(cell: Cell, attempt: Attempt, source: LiveSource) -> None:
-    if attempt.source_error is None:
-        # The last byte left before the fault reached the source: it cannot know.
-        assert attempt.source_stats is not None
-        assert attempt.source_stats.status is multifd.Status.COMPLETED
-        assert source.writer.paused, "the source writers run while the destination failed"
-        source.writer.resume()  # what an operator does after a failed switchover
-        return
+    # The return path: a source whose last byte left before the fault reached it hears the
+    # destination's verdict (or its silence) and fails too; it never reports completed.
+    assert attempt.source_error is not None, "the source completed a migration that failed"
     error = failed(attempt.source_error)
     took, _ = attempt.fail_times()
     root = root_cause(error)

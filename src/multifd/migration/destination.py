@@ -17,10 +17,20 @@ connection. What the source announces is bounded by
 The sync mode is not announced by the source (spec 11.4); the loader learns it from the
 setup section: a ``MULTIFD_FLUSH`` before the first ``EOS`` means per-round mode, its absence
 means per-section mode (every ``EOS`` is a marker).
+
+A source may open QEMU's return path (``MIG_CMD_OPEN_RETURN_PATH``, see
+:mod:`multifd.wire.return_path`). The loader thread then answers each ``MIG_CMD_PING`` with
+a PONG and, at the end, writes a SHUT: status 0 once every block is written and the
+receiver has finished, status 1 when the migration failed (best effort: a dead socket gets
+nothing). It is the only writer of the main socket. Such a source keeps its sockets open
+until it hears the SHUT (QEMU cleans its channels up only then), so the main stream ends
+with its VM description, not with the connection, and the multifd channels are ended here
+(``SHUT_RD``) once the final SYNC has been honoured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import time
@@ -45,6 +55,7 @@ from multifd.migration.arrivals import Arrivals
 from multifd.migration.limits import ReceiveLimits
 from multifd.migration.stats import ChannelStats, MigrationStats, Status
 from multifd.ram import Ram, RamBlock
+from multifd.wire import return_path as rp
 from multifd.wire import stream
 from multifd.wire.compat import SyncMode
 from multifd.wire.constants import MIG_CMD_SWITCHOVER_START, PAGE_SIZE, RAM_SECTION_VERSION
@@ -116,9 +127,14 @@ class Destination:
         )
         self._flush_seen = False
         self._eof_seen = False
+        # The source opened QEMU's return path: the loader thread, the only one that
+        # writes the main socket, answers PINGs and ends with a SHUT carrying the outcome.
+        self.return_path = False
+        self._vmdesc_seen = False
         self._start = 0.0
         self._setup_ms = 0.0
         self._main_bytes = 0
+        self._multifd_socks: list[socket.socket] = []  # owned by the thread in run()
         self._main_pages = 0
         self._zero_records = 0
         self._syncs = 0
@@ -148,12 +164,16 @@ class Destination:
             self.status = Status.ACTIVE
             self._load()
             if self._receiver is not None:
+                if self.return_path:
+                    self._stop_reading_multifd()
                 self._receiver.finish(self.io_timeout)
             for block in self.ram:
                 block.flush()
+            self._send_shut(0)  # every block written and the receiver finished
         except MultifdError as exc:
             self.status = Status.FAILED
             self._abort(exc)
+            self._send_shut(1)
             if isinstance(exc, MigrationFailed):
                 raise
             failed = MigrationFailed(str(exc))
@@ -224,6 +244,7 @@ class Destination:
                 expected="no multifd channel (--channels 0)",
                 received="a multifd channel",
             )
+        self._multifd_socks.append(sock)
         self._receiver.accept_channel(sock, self.io_timeout)
 
     # -- the main stream --------------------------------------------------------------------
@@ -258,6 +279,8 @@ class Destination:
             self._main_bytes += count
             self._decoder.feed(view[:count])
             self._drain_events()
+            if self.return_path and self._stream_ended():
+                break  # the source may keep the socket open: it waits for our SHUT
         if not self._eof_seen:
             raise ProtocolError(
                 "main stream", channel=MAIN, expected="QEMU_VM_EOF", received="end of stream"
@@ -302,18 +325,72 @@ class Destination:
                     expected=RAM_SECTION_VERSION,
                     received=version,
                 )
-            case stream.Command(cmd=cmd) if cmd != MIG_CMD_SWITCHOVER_START:
-                raise ProtocolError(
-                    "command",
-                    channel=MAIN,
-                    expected=f"MIG_CMD_SWITCHOVER_START ({MIG_CMD_SWITCHOVER_START})",
-                    received=cmd,
-                )
+            case stream.Command():
+                self._command(event)
+            case stream.VmDescription():
+                self._vmdesc_seen = True
             case stream.Eof():
                 self.status = Status.DEVICE
                 self._eof_seen = True
             case _:
                 pass
+
+    def _command(self, command: stream.Command) -> None:
+        if command.cmd == rp.MIG_CMD_OPEN_RETURN_PATH:
+            self._open_return_path()
+        elif command.cmd == rp.MIG_CMD_PING:
+            self._answer_ping(rp.ping_value(command.data))
+        elif command.cmd != MIG_CMD_SWITCHOVER_START:
+            known = (
+                f"MIG_CMD_SWITCHOVER_START ({MIG_CMD_SWITCHOVER_START}), "
+                f"MIG_CMD_OPEN_RETURN_PATH ({rp.MIG_CMD_OPEN_RETURN_PATH}) "
+                f"or MIG_CMD_PING ({rp.MIG_CMD_PING})"
+            )
+            raise ProtocolError("command", channel=MAIN, expected=known, received=command.cmd)
+
+    # -- the return path --------------------------------------------------------------------
+    def _stream_ended(self) -> bool:
+        """Whether the main stream is over although the source keeps the socket open.
+
+        A source with a return path waits for our SHUT before it closes anything; ours
+        half-closes after its last byte, QEMU does not. The VM description is the last
+        record QEMU sends. A subclass that hands the end of the stream over undecoded (a
+        relay) must tell its end from the bytes it forwards, or wait for the source's EOF.
+        """
+        return self._vmdesc_seen
+
+    def _open_return_path(self) -> None:
+        if self.return_path:
+            log.warning("the return path was opened twice")  # QEMU ignores it too
+        self.return_path = True
+        log.info("return path opened")
+
+    def _answer_ping(self, value: int) -> None:
+        if not self.return_path:
+            raise ProtocolError(
+                "MIG_CMD_PING", channel=MAIN, expected="an open return path", received=value
+            )
+        assert self._main is not None
+        transport.send_all(self._main, [rp.pong(value)], channel=rp.RETURN_PATH)
+
+    def _stop_reading_multifd(self) -> None:
+        """End every multifd channel's stream here: the final SYNC has been honoured, and
+        a source waiting for our SHUT keeps its channels open until it hears it."""
+        for sock in self._multifd_socks:
+            with contextlib.suppress(OSError):  # already closed by a failed channel
+                sock.shutdown(socket.SHUT_RD)
+
+    def _send_shut(self, status: int) -> None:
+        """Tell the source the outcome (QEMU's ``migrate_send_rp_shut``); best effort: a
+        source that does not hear it fails the migration anyway."""
+        if not self.return_path or self._main is None:
+            return
+        try:
+            transport.send_all(self._main, [rp.shut(status)], channel=rp.RETURN_PATH)
+        except ChannelError as exc:
+            log.warning("SHUT(%d) not sent: %s", status, exc)
+            return
+        log.info("SHUT(%d) sent on the return path", status)
 
     def _block(self, name: str, offset: int) -> RamBlock:
         block = self.ram.get(name)

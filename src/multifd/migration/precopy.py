@@ -15,12 +15,17 @@ remaining bytes / bandwidth. When that is within ``downtime_limit`` it switches 
 stream's completion, and ``stopped`` is called. If the migration fails or is cancelled after
 ``pause``, ``resume`` is called instead; the source's memory is never written.
 
-Nothing the source sends is acknowledged before the migration completes: QEMU's precopy
-stream has no return path, so a completed sync only says the bytes left this host, and a
-destination that fails throws everything away. On failure or cancel every page taken
-during the attempt is therefore given back to the tracker, so a later attempt (or any other
-user of the dirty log) loses nothing. Once the last byte of the stream has left, the
-migration is completed: a cancel that comes later is too late to take it back.
+Nothing the source sends is acknowledged before the migration completes: a completed sync
+only says the bytes left this host, and a destination that fails throws everything away.
+On failure or cancel every page taken during the attempt is therefore given back to the
+tracker, so a later attempt (or any other user of the dirty log) loses nothing. With
+``return_path`` (QEMU's return path, :mod:`multifd.wire.return_path`) the source completes
+only once the destination's SHUT says it completed too; a failure status, a closed
+connection or no SHUT within ``io_timeout`` fails the migration like any other failure
+(pages given back, ``resume`` called). Without it, the migration is completed once its last
+byte has left. Either way a cancel that comes after the last byte left is too late: the
+destination may already run, so the migration completes (or fails on the destination's
+word) whatever the cancel says.
 A migration that does not converge within ``timeout`` seconds or ``max_passes`` passes
 follows ``on_timeout``: ``cancel`` fails it with the reason (dirty rate against bandwidth),
 ``force`` switches over anyway and the downtime reports what it really cost.
@@ -42,6 +47,7 @@ import numpy.typing as npt
 from multifd import transport
 from multifd.engine.trace import TraceHook
 from multifd.errors import (
+    ChannelError,
     ConfigError,
     MigrationCancelled,
     MigrationFailed,
@@ -157,7 +163,7 @@ class Precopy:
         on_pass: called with each pass's figures.
         progress: called with a statistics snapshot while pages are sent.
         **channel_options: passed to :class:`~multifd.migration.source.Source` (channels,
-            uuid, compression, level, io_timeout, trace).
+            uuid, compression, level, io_timeout, trace, return_path).
     """
 
     def __init__(
@@ -175,6 +181,7 @@ class Precopy:
         level: int | None = None,
         io_timeout: float = 30.0,
         trace: TraceHook | None = None,
+        return_path: bool = False,
     ) -> None:
         self.tracker = tracker
         self.limits = limits or Limits()
@@ -191,6 +198,7 @@ class Precopy:
             io_timeout=io_timeout,
             trace=trace,
             progress=self._tick if progress is not None else None,
+            return_path=return_path,
         )
         self._lock = threading.Lock()  # guards status and the cancel decision
         self._cancel = threading.Event()  # set by cancel(); ends pacing waits at once
@@ -199,6 +207,7 @@ class Precopy:
         self._figures = _Progress()
         self._undelivered = _Undelivered(tracker.source_ram)  # owned by the migration thread
         self._paused = False  # owned by the migration thread
+        self._sent_all = False  # the last byte left: too late to cancel; guarded by _lock
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -234,6 +243,9 @@ class Precopy:
         """Cancel from any thread; a no-op before start and after the end."""
         with self._lock:
             if self._status not in (Status.SETUP, Status.ACTIVE, Status.DEVICE):
+                return
+            if self._sent_all:
+                log.warning("cancel came after the last byte left: too late")
                 return
             self._status = Status.CANCELLING
             self._cancel.set()
@@ -332,12 +344,28 @@ class Precopy:
         final = _union(rest, self.tracker.take())
         self._undelivered.add(final)
         self._source.complete(final)
-        # Every byte has left: the destination completes whatever a late cancel() says.
+        self._await_destination()
         self._undelivered.clear()
         self._figures.downtime_ms = (time.monotonic() - paused_at) * 1e3
         self._figures.remaining_pages = 0
         self._move(Status.COMPLETED, late_cancel_ok=True)
         self.hooks.stopped()
+
+    def _await_destination(self) -> None:
+        """Every byte has left: the destination completes whatever a cancel says now. With
+        the return path, its SHUT says whether it did."""
+        with self._lock:
+            self._sent_all = True
+            raced = self._status is Status.CANCELLING
+        try:
+            self._source.await_destination()
+        except ChannelError as exc:
+            if not raced:
+                raise
+            # The cancel shut the sockets down while the last bytes went out: the SHUT
+            # cannot be heard, and the destination has everything. As without a return
+            # path, the migration completes (see _move).
+            log.warning("the destination's verdict was lost to a late cancel: %s", exc)
 
     # -- the end -----------------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:

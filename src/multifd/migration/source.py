@@ -10,12 +10,13 @@ main channel as a PAGE or ZERO record.
 
 The stream for a one-pass migration::
 
-    header, configuration "none",
+    header, configuration "none", [open return path]
     ram START: MEM_SIZE + blocks, [SYNC x N], [FLUSH], EOS, footer
     ram PART:  pages..., [SYNC x N], [FLUSH], EOS, footer
     [switchover-start]
     ram END:   EOS, footer
     timer FULL, globalstate FULL, EOF, vmdesc
+    [the destination's SHUT, read back on the main socket]
 
 A relay or a replay writes another machine's stream: it gives the configuration record
 as the source sent it, the ``ram`` section's ids as the source announced them, and writes
@@ -24,6 +25,7 @@ the device state itself (:meth:`Source.forward`) instead of the ``-M none`` sect
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -38,10 +40,11 @@ import numpy.typing as npt
 from multifd import transport
 from multifd.engine.send import Sender
 from multifd.engine.trace import TraceHook, emit
-from multifd.errors import MAIN, multifd_channel
+from multifd.errors import MAIN, ChannelError, MigrationFailed, multifd_channel
 from multifd.migration.pacing import Pacer
 from multifd.migration.stats import ChannelStats
 from multifd.ram import Ram, RamBlock, zero_pages
+from multifd.wire import return_path as rp
 from multifd.wire import stream
 from multifd.wire.compat import PeerProfile, SyncMode, ZeroPageMode
 from multifd.wire.constants import (
@@ -89,6 +92,11 @@ class MainChannel:
         self.bytes_sent = 0
         self.records = 0
 
+    @property
+    def sock(self) -> socket.socket:
+        """The socket; the return path is read from it once every write is done."""
+        return self._sock
+
     def write(self, *chunks: bytes | memoryview) -> None:
         self._pending.extend(chunks)
         if len(self._pending) >= _IOV_MAX:
@@ -131,6 +139,8 @@ class Source:
         ram_section: the ids of the ``ram`` section.
         device_state: whether :meth:`complete` writes the ``-M none`` device sections,
             EOF and the VM description; a relay forwards its source's instead.
+        return_path: open QEMU's return path after the configuration; then
+            :meth:`await_destination` waits for the destination's verdict.
     """
 
     def __init__(
@@ -148,6 +158,7 @@ class Source:
         configuration: bytes | None = None,
         ram_section: RamSection = RamSection(),
         device_state: bool = True,
+        return_path: bool = False,
     ) -> None:
         self.ram = ram
         self.profile = profile
@@ -161,6 +172,7 @@ class Source:
         self.configuration = configuration or stream.configuration(MACHINE_TYPE)
         self.ram_section = ram_section
         self.device_state = device_state
+        self.return_path = return_path
         self._sender: Sender | None = None
         self._main: MainChannel | None = None
         self._start = 0.0
@@ -225,6 +237,7 @@ class Source:
         main.write(
             stream.file_header(),
             self.configuration,
+            stream.open_return_path() if self.return_path else b"",
             stream.section_start(
                 section.section_id, "ram", section.instance_id, section.version_id
             ),
@@ -264,6 +277,34 @@ class Source:
                 stream.vmdescription(_vmdesc()),
             )
         main.flush()
+
+    def await_destination(self) -> None:
+        """With the return path, wait for the destination's SHUT after the last write.
+
+        Waits at most ``io_timeout``; PONG and SWITCHOVER_ACK messages before the SHUT are
+        skipped. Without the return path it returns at once: nothing can be known.
+
+        Raises:
+            MigrationFailed: the SHUT carries a failure status.
+            ChannelError: the destination closed the connection without a SHUT, or sent
+                none in time (naming ``main (return path)``).
+            ProtocolError: the destination sent something else.
+        """
+        if not self.return_path:
+            return
+        sock = self._require_main().sock
+        # Half-close: a destination that reads the stream to its end (a relay) sees it,
+        # and the SHUT still comes back the other way. A TCP one even under TLS: sending
+        # close_notify makes OpenSSL wait for the peer's and drop a SHUT already in flight.
+        with contextlib.suppress(OSError):  # the destination reset already: read says why
+            socket.socket.shutdown(sock, socket.SHUT_WR)
+        status = _read_shut(sock, self.io_timeout)
+        if status != 0:
+            raise MigrationFailed(
+                f"the destination failed the migration (SHUT status {status})",
+                channel=rp.RETURN_PATH,
+            )
+        log.info("the destination completed the migration (SHUT status 0)")
 
     def forward(self, *chunks: bytes | memoryview) -> None:
         """Write stream bytes made elsewhere (a relay's passed-through records) now."""
@@ -369,6 +410,37 @@ class Source:
     @property
     def syncs(self) -> int:
         return self._syncs
+
+
+def _read_shut(sock: socket.socket, timeout: float) -> int:
+    """The status of the destination's SHUT, read from ``sock`` within ``timeout`` s."""
+    decoder = rp.ReturnPathDecoder()
+    deadline = time.monotonic() + timeout
+    while True:
+        for message in decoder.messages():
+            if isinstance(message, rp.Shut):
+                return message.status
+            log.info("return path: %s", message)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ChannelError(
+                f"no SHUT from the destination within {timeout:g} s", channel=rp.RETURN_PATH
+            )
+        try:
+            sock.settimeout(remaining)
+            data = sock.recv(64)
+        except TimeoutError:
+            continue  # the deadline check above reports it
+        except OSError as exc:
+            raise ChannelError(f"receive failed: {exc}", channel=rp.RETURN_PATH) from exc
+        if not data:
+            decoder.close()  # a SHUT cut short is a protocol error
+            raise ChannelError(
+                "the destination closed the connection without a SHUT: it failed, or it "
+                "does not answer the return path",
+                channel=rp.RETURN_PATH,
+            )
+        decoder.feed(data)
 
 
 def _offsets(pages: npt.NDArray[np.int64]) -> Iterator[int]:

@@ -67,6 +67,7 @@ from multifd.wire.records import (
     TimerState,
     VmDescription,
 )
+from multifd.wire.return_path import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING
 from multifd.wire.stream_decoder import StreamDecoder
 
 __all__ = [
@@ -98,6 +99,8 @@ __all__ = [
     "eof",
     "file_header",
     "globalstate_section",
+    "open_return_path",
+    "ping",
     "ram_eos",
     "ram_mem_size",
     "ram_multifd_flush",
@@ -241,6 +244,17 @@ def command(cmd: int, data: bytes = b"") -> bytes:
 def switchover_start() -> bytes:
     """``MIG_CMD_SWITCHOVER_START`` (QEMU 10.0+; a 7.2 destination rejects it)."""
     return command(MIG_CMD_SWITCHOVER_START)
+
+
+def open_return_path() -> bytes:
+    """``MIG_CMD_OPEN_RETURN_PATH``: the destination may answer on the main socket from now
+    on (see :mod:`multifd.wire.return_path`); sent right after the configuration."""
+    return command(MIG_CMD_OPEN_RETURN_PATH)
+
+
+def ping(value: int) -> bytes:
+    """``MIG_CMD_PING`` with a be32 ``value``, answered by a PONG on the return path."""
+    return command(MIG_CMD_PING, value.to_bytes(4, "big"))
 
 
 def eof() -> bytes:

@@ -85,9 +85,14 @@ from multifd.wire.records import (
     SectionStart,
     VmDescription,
 )
+from multifd.wire.return_path import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING
 
 # Argument lengths of the MIG_CMD_* we know; any other command is passed through as is.
-_COMMAND_LENGTHS: Final = {MIG_CMD_SWITCHOVER_START: 0}
+_COMMAND_LENGTHS: Final = {
+    MIG_CMD_SWITCHOVER_START: 0,
+    MIG_CMD_OPEN_RETURN_PATH: 0,
+    MIG_CMD_PING: 4,  # be32 value
+}
 
 # Ram flags we refuse, with the feature that would send them.
 _UNSUPPORTED_RAM_FLAGS: Final = {
