@@ -165,6 +165,8 @@ def receive(
     except MultifdError as exc:
         _fail(exc)
     try:
+        for refusal in result.refused:  # strangers turned away while the source connected
+            err.print(f"refused {refusal.peer}: {refusal.reason}", markup=False, soft_wrap=True)
         print_stats(err, result.stats, as_json=as_json)
     finally:
         result.ram.close()

@@ -38,6 +38,12 @@ def test_send_and_receive_over_tls(pki: Pki, tmp_path: Path) -> None:
     assert receiver.stderr is not None
     try:
         address = read_listening_line(receiver.stderr, BOUND)
+        # The destination's own pair is no client certificate (serverAuth only).
+        stranger = subprocess.run(
+            [*CLI, "send", address, "--block", f"mem={image}", *_flags(pki.dest),
+             "--tls-hostname", "dest.test"],
+            capture_output=True, timeout=BOUND, check=False,
+        )  # fmt: skip
         sent = subprocess.run(
             [*CLI, "send", address, "--block", f"mem={image}", *_flags(pki.source),
              "--tls-hostname", "dest.test"],
@@ -47,8 +53,12 @@ def test_send_and_receive_over_tls(pki: Pki, tmp_path: Path) -> None:
     finally:
         receiver.kill()
         receiver.communicate(timeout=BOUND)
+    assert stranger.returncode == 1
+    assert b"main: TLS: handshake failed" in stranger.stderr
     assert sent.returncode == 0, sent.stderr
     assert receiver.returncode == 0, errors
+    assert errors.count(b"refused 127.0.0.1:") == 1, errors
+    assert b"client certificate rejected" in errors
     assert (tmp_path / "out" / "mem").read_bytes() == image.read_bytes()
 
 
