@@ -12,7 +12,9 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import queue
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
@@ -307,6 +309,10 @@ class RamBlock:
         if isinstance(self._buffer, mmap.mmap):
             self._buffer.flush()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Release the buffer; the block must not be used afterwards. Idempotent.
 
@@ -343,6 +349,45 @@ def _check_name(name: str) -> None:
 def _check_size(name: str, size: int) -> None:
     if size <= 0 or size % PAGE_SIZE:
         raise ConfigError(f"block {name!r}: size {size} is not a positive multiple of {PAGE_SIZE}")
+
+
+class ReadAhead:
+    """Maps ranges of pages for reading on a thread of its own, ahead of their use.
+
+    A source scans and sends its RAM one chunk after the other on the migration thread;
+    the first touch of each page (a fault) would stall that thread, and with it the
+    channels waiting for their next job. :meth:`ahead` queues the next chunk's pages and
+    returns at once; :meth:`RamBlock.populate` runs them without the interpreter lock.
+    Best effort: a range not mapped in time is faulted in by its first reader.
+
+    One thread calls :meth:`ahead` and :meth:`close`.
+    """
+
+    def __init__(self, name: str = "ram-read-ahead") -> None:
+        # Ranges to map, None to stop; the thread drains it in order.
+        self._ranges: queue.SimpleQueue[tuple[RamBlock, int, int] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name)
+        self._thread.start()
+
+    def ahead(self, block: RamBlock, first: int, count: int) -> None:
+        """Queue pages ``[first, first + count)`` of ``block`` to be mapped."""
+        self._ranges.put((block, first, count))
+
+    def close(self) -> None:
+        """Stop the thread once the queued ranges are mapped, and join it."""
+        if self._thread.is_alive():
+            self._ranges.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (work := self._ranges.get()) is not None:
+            block, first, count = work
+            if block.closed:
+                continue
+            try:
+                block.populate(first, count)
+            except (ValueError, BufferError):  # closed meanwhile: nothing left to map
+                continue
 
 
 class Ram:

@@ -340,3 +340,25 @@ class TestKnownZero:
         block.written(slice(0, 1))
         block.write_zero_page(0)
         assert block.pages[0, 0] == 0
+
+
+def test_read_ahead_maps_queued_ranges_in_order_and_skips_closed_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mapped: list[tuple[str, int, int]] = []
+
+    def populate(block: RamBlock, first: int, count: int) -> None:
+        mapped.append((block.name, first, count))
+
+    monkeypatch.setattr(RamBlock, "populate", populate)
+    open_block = RamBlock.anonymous("a", 8 * PAGE_SIZE)
+    closed_block = RamBlock.anonymous("b", 8 * PAGE_SIZE)
+    closed_block.close()
+    reader = ram_module.ReadAhead(name="test-read-ahead")
+    reader.ahead(open_block, 0, 4)
+    reader.ahead(closed_block, 0, 8)
+    reader.ahead(open_block, 4, 4)
+    reader.close()  # maps what is queued, then joins
+    assert mapped == [("a", 0, 4), ("a", 4, 4)]
+    reader.close()  # idempotent
+    open_block.close()

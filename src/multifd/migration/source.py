@@ -43,7 +43,7 @@ from multifd.engine.trace import TraceHook, emit
 from multifd.errors import MAIN, ChannelError, MigrationFailed, multifd_channel
 from multifd.migration.pacing import Pacer
 from multifd.migration.stats import ChannelStats
-from multifd.ram import Ram, RamBlock, zero_pages
+from multifd.ram import Ram, RamBlock, ReadAhead, zero_pages
 from multifd.wire import return_path as rp
 from multifd.wire import stream
 from multifd.wire.compat import PeerProfile, SyncMode, ZeroPageMode
@@ -174,6 +174,7 @@ class Source:
         self.device_state = device_state
         self.return_path = return_path
         self._sender: Sender | None = None
+        self._readahead: ReadAhead | None = None  # maps the next chunk; started on first use
         self._main: MainChannel | None = None
         self._start = 0.0
         self._setup_ms = 0.0
@@ -213,6 +214,8 @@ class Source:
 
     def close(self) -> None:
         """Stop the channel threads and close every socket; idempotent."""
+        if self._readahead is not None:
+            self._readahead.close()
         if self._sender is not None:
             self._sender.close()
         for sock in self._sockets:
@@ -335,8 +338,10 @@ class Source:
             if chosen is None or not len(chosen):
                 continue
             step = pace.chunk_pages if pace is not None else _CHUNK_PAGES
+            self._read_ahead(block, chosen[:step])
             for first in range(0, len(chosen), step):
                 chunk = chosen[first : first + step]
+                self._read_ahead(block, chosen[first + step : first + 2 * step])
                 if pace is not None:
                     pace.wait(len(chunk) * PAGE_SIZE)
                 self._send_pages(block, chunk)
@@ -348,8 +353,6 @@ class Source:
         profile says."""
         first, count = int(pages[0]), len(pages)
         contiguous = int(pages[-1]) - first == count - 1
-        if contiguous:
-            block.populate(first, count)
         if self._sender is not None and self.profile.zero_pages is ZeroPageMode.MULTIFD:
             self._sender.send_pages(block, pages * PAGE_SIZE)
             self._sent_pages += count
@@ -363,6 +366,14 @@ class Source:
         else:
             self._write_page_records(block, normal)
         self._sent_pages += count
+
+    def _read_ahead(self, block: RamBlock, pages: Pages) -> None:
+        """Have the pages of the next chunk mapped while this one is scanned and sent."""
+        if not len(pages) or int(pages[-1]) - int(pages[0]) >= 2 * len(pages):
+            return  # nothing, or too sparse for one range to be worth mapping
+        if self._readahead is None:
+            self._readahead = ReadAhead(name="send-read-ahead")
+        self._readahead.ahead(block, int(pages[0]), int(pages[-1]) - int(pages[0]) + 1)
 
     def _write_zero_records(self, block: RamBlock, pages: npt.NDArray[np.int64]) -> None:
         main = self._require_main()
