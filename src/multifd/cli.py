@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import click
 from rich.console import Console
 
-from multifd import api
+from multifd import api, cli_vm
 from multifd.console import LiveView, describe_pass, print_stats
 from multifd.dirty import ShadowTracker
 from multifd.errors import MigrationCancelled, MultifdError
@@ -386,3 +386,7 @@ def _parse_size(text: str, option: str = "--size") -> int:
         return int(float(number) * scale)
     except ValueError:
         raise click.BadParameter(f"not a size: {text!r}", param_hint=option) from None
+
+
+# The real-VM commands (relay, record, replay) live in their own module.
+cli_vm.register(main)

@@ -267,16 +267,21 @@ def vmdescription(json: bytes) -> bytes:
     return TYPE_LEN32.pack(QEMU_VM_VMDESCRIPTION, len(json)) + json
 
 
-def ends_with_eof(data: bytes | bytearray) -> bool:
-    """Whether ``data``, the end of a stream, is ``QEMU_VM_EOF`` plus an optional VM
-    description (a JSON object) that reaches exactly to its last byte.
+def ends_with_eof(data: bytes | bytearray, *, description: bool = False) -> bool:
+    """Whether ``data``, the end of a stream, is ``QEMU_VM_EOF`` plus a VM description (a
+    JSON object) that reaches exactly to its last byte, or with ``description=False``
+    ``QEMU_VM_EOF`` alone.
 
     A passed-through tail cannot be decoded without each device's vmstate layout; this is
     the check left for it: a stream cut short almost never ends like that. ``data`` must
-    hold the whole description for the check to see it.
+    hold the whole description for the check to see it. A tail still arriving may end
+    with an EOF byte by chance, never with a whole description: pass ``description=True``
+    to tell that the stream is over while it may still be open.
     """
-    if data[-1:] == eof():
+    if not description and data[-1:] == eof():
         return True
+    if data[-1:] != b"}":
+        return False
     marker = eof() + bytes((QEMU_VM_VMDESCRIPTION,))
     at = len(data)
     # JSON holds no NUL byte, but the length field may: try each candidate from the end.

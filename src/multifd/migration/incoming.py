@@ -1,0 +1,159 @@
+"""The incoming side of a relay or a recorder: a destination that reports the stream.
+
+Theory of operation. :class:`Incoming` is a :class:`~multifd.migration.destination.Destination`
+(same channel set-up, loader, barrier and limits) whose loader also tells a
+:class:`StreamSink` what it decoded, in stream order: the configuration record's bytes,
+the switchover-start command, each sync marker (called while every receive channel is
+parked, so nothing writes RAM meanwhile), the end of the ``ram`` section and, undecoded,
+every byte after it. A real machine's device state follows the ``ram`` END; its sections'
+lengths are known only from each device's vmstate description, so the decoder's tail mode
+hands it over as it arrives, and the only check left, when the stream ends, is that it
+ends with EOF and (optionally) a VM description. Then the sink hears ``end_of_stream``
+(a relay waits there for its destination's verdict) before the destination's own end:
+with a return path, the source's SHUT carries the sink's outcome too.
+
+With ``track_changes`` each block notes the pages whose writes have landed
+(``RamBlock.track_changes``), for a relay to forward them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Protocol
+
+from multifd import transport
+from multifd.errors import MAIN, ProtocolError
+from multifd.migration.destination import Destination
+from multifd.migration.source import RamSection
+from multifd.ram import RamBlock
+from multifd.wire import stream
+from multifd.wire.constants import MIG_CMD_SWITCHOVER_START
+
+# The end of the passed-through tail kept to check that it ends with EOF: room for the
+# largest VM description the decoder accepts.
+_TAIL_CHECK: Final = (16 << 20) + 16
+
+
+class StreamSink(Protocol):
+    """What an :class:`Incoming` side reports, in stream order, from its loader thread."""
+
+    def configuration(self, raw: bytes) -> None:
+        """The configuration record, as received."""
+
+    def command(self, cmd: int, raw: bytes) -> None:
+        """A command the destination may need (only ``MIG_CMD_SWITCHOVER_START`` passes)."""
+
+    def marker(self, marker: str, *, in_end: bool) -> None:
+        """A sync marker, while no incoming channel writes RAM."""
+
+    def ram_end(self) -> None:
+        """The ``ram`` END section was closed; the tail follows."""
+
+    def tail(self, data: bytes) -> None:
+        """Bytes after the ``ram`` END, undecoded."""
+
+    def end_of_stream(self) -> None:
+        """The stream is over and looks whole; raising fails the migration (with a return
+        path, the source then hears SHUT(1) rather than SHUT(0))."""
+
+
+class Incoming(Destination):
+    """A destination that reports the stream to a :class:`StreamSink` as it loads it.
+
+    Same threads and sharing as :class:`Destination`; the sink is called from the loader
+    thread only. Everything after the ``ram`` END goes to the sink undecoded.
+
+    Args:
+        sink: told about the configuration, markers, the ``ram`` END and the tail.
+        track_changes: note the pages written into each block (a relay needs them).
+        **options: passed to :class:`Destination`.
+    """
+
+    def __init__(self, sink: StreamSink, *, track_changes: bool, **options: Any) -> None:
+        super().__init__(**options)
+        self.sink = sink
+        self._track = track_changes
+        self._decoder = stream.StreamDecoder(
+            MAIN,
+            max_blocks=self.limits.max_blocks,
+            max_name_len=self.limits.max_name_len,
+            keep_raw=(stream.Configuration, stream.Command),
+            tail_after_ram=True,
+        )
+        self.ram_section: RamSection | None = None
+        self.switchover_seen = False
+        self.tail_bytes = 0
+        self._in_end = False
+        self._tail_end = bytearray()  # the tail's last bytes, for the EOF check
+
+    @property
+    def peer_uuid(self) -> bytes | None:
+        """The UUID in the source's multifd init packets (None without multifd)."""
+        return None if self._receiver is None else self._receiver.peer_uuid
+
+    def interrupt(self, exc: BaseException) -> None:
+        """Fail the migration from another thread: every incoming channel is shut down and
+        the loader raises (a relay's outgoing side uses it when it fails)."""
+        if self._receiver is not None:
+            self._receiver.abort(exc)
+        if self._main is not None:
+            transport.shutdown_quietly(self._main)
+
+    def _raw(self) -> bytes:
+        raw = self._decoder.raw
+        assert raw is not None, "keep_raw covers the configuration and commands"
+        return raw
+
+    def _new_block(self, name: str, size: int) -> RamBlock:
+        block = super()._new_block(name, size)
+        if self._track:
+            block.track_changes()
+        return block
+
+    def _handle(self, event: stream.Event) -> None:
+        match event:
+            case stream.Configuration():
+                super()._handle(event)
+                self.sink.configuration(self._raw())
+            case stream.Command(cmd=cmd) if cmd == MIG_CMD_SWITCHOVER_START:
+                self.switchover_seen = True
+                self.sink.command(cmd, self._raw())
+            case stream.SectionStart(idstr=stream.RAM_IDSTR):
+                super()._handle(event)
+                self.ram_section = RamSection(event.section_id, event.instance_id, event.version_id)
+            case stream.SectionEnd():
+                super()._handle(event)
+                self._in_end = True
+            case stream.SectionFooter() if self._in_end:
+                super()._handle(event)
+                self._in_end = False
+                self._eof_seen = True  # EOF is in the tail, checked when the stream ends
+                self.sink.ram_end()
+            case _:
+                super()._handle(event)
+
+    def _at_marker(self, marker: str) -> None:
+        self.sink.marker(marker, in_end=self._in_end)
+
+    def _drain_events(self) -> None:
+        super()._drain_events()
+        if self._decoder.in_tail and (data := self._decoder.take_tail()):
+            self.tail_bytes += len(data)
+            self._tail_end += data
+            del self._tail_end[:-_TAIL_CHECK]
+            self.sink.tail(data)
+
+    def _stream_ended(self) -> bool:
+        # A QEMU source with a return path keeps its socket open until our SHUT: the end
+        # is a whole VM description closing the tail (EOF alone could be a chance byte).
+        return self._decoder.in_tail and stream.ends_with_eof(self._tail_end, description=True)
+
+    def _load(self) -> None:
+        super()._load()
+        if not stream.ends_with_eof(self._tail_end):
+            raise ProtocolError(
+                "end of the stream after the ram section",
+                channel=MAIN,
+                expected="QEMU_VM_EOF, then a VM description or nothing",
+                received=f"{self.tail_bytes} bytes ending {bytes(self._tail_end[-16:]).hex()}",
+            )
+        self.sink.end_of_stream()
