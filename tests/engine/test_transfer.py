@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+from typing import cast
+
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from multifd.compression import flag_of
+from multifd.compression import Compressor, flag_of
 from multifd.engine.send import Sender, job_size
 from multifd.errors import multifd_channel
 from multifd.ram import Ram, RamBlock
@@ -214,6 +218,47 @@ def test_jobs_of_several_packets_keep_every_packet_whole(per_job: int) -> None:
     assert sorted(firsts) == list(range(packets_sent))
     assert sorted(numbers) == list(range(1, packets_sent + 3))  # and 2 SYNCs, none twice
     limit = packets_sent * PAGES_PER_PACKET * PAGE_SIZE
+    assert bytes(dst["a"].view[:limit]) == bytes(src["a"].view[:limit])
+
+
+class _RefCheckingCompressor:
+    """Wraps a channel's compressor; notes, at each call, whether the sender still holds
+    the payload the previous call returned (it must not: see _SendChannel._send_job)."""
+
+    def __init__(self, inner: Compressor) -> None:
+        self.inner = inner
+        self.previous: bytes | None = None
+        self.still_held: list[int] = []
+
+    def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
+        if self.previous is not None:
+            # Our reference, getrefcount's argument, and any the sender kept.
+            self.still_held.append(sys.getrefcount(self.previous) - 2)
+        self.previous = self.inner.compress(pages)
+        return self.previous
+
+
+def test_a_channel_holds_one_compressed_payload_at_a_time() -> None:
+    src, dst = make_ram(), make_ram()
+    src["a"].pages[:] = np.random.default_rng(3).integers(0, 255, src["a"].pages.shape)
+    checkers: list[_RefCheckingCompressor] = []
+
+    def wrap(sender: Sender) -> None:
+        for channel in sender._channels:
+            assert channel.compressor is not None
+            checkers.append(_RefCheckingCompressor(channel.compressor))
+            channel.compressor = cast(Compressor, checkers[-1])
+
+    with link(dst, 1, compression="zstd", before_start=wrap, packets_per_job=4) as (
+        sender,
+        receiver,
+        _,
+    ):
+        sender.send_pages(src["a"], np.arange(8 * PAGES_PER_PACKET) * PAGE_SIZE)
+        sender.sync()
+        receiver.wait_sync(TIMEOUT)
+    assert checkers[0].still_held == [0] * 7  # 8 packets, in jobs of 4
+    limit = 8 * PAGES_PER_PACKET * PAGE_SIZE
     assert bytes(dst["a"].view[:limit]) == bytes(src["a"].view[:limit])
 
 

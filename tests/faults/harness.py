@@ -355,7 +355,7 @@ class _Link:
         return False
 
     def _downstream(self) -> None:
-        # The destination sends nothing; this relay is there to pass on its EOF or reset.
+        # Destination to source: the return path (PONG, SHUT) on main, and any EOF or reset.
         while True:
             try:
                 data = self._recv(self.dst)

@@ -144,7 +144,8 @@ class _SendChannel:
             plan.fill(packet, index)
             body: Sequence[memoryview | bytes] = packet.runs
             body_size = packet.normal * PAGE_SIZE
-            if self.compressor is not None and packet.normal:
+            compressed = self.compressor is not None and packet.normal > 0
+            if compressed:
                 payload = self._compress(packet)
                 body, body_size = [payload], len(payload)
             if buffers and len(buffers) + 1 + len(body) > _IOV_MAX:
@@ -164,7 +165,15 @@ class _SendChannel:
             buffers.extend(body)
             size += PACKET_HEADER_SIZE + body_size
             written.append((header, packet.normal, packet.zero, PACKET_HEADER_SIZE + body_size))
-        self._write_packets(buffers, size, written)
+            if compressed:
+                # A payload is a fresh allocation: written at once and freed, the next one
+                # reuses its memory; held for a whole job, every job faulted in new pages
+                # (twice the sender's system time).
+                self._write_packets(buffers, size, written)
+                buffers, written, size = [], [], 0
+                del payload, body  # before the next compress() allocates its payload
+        if buffers:
+            self._write_packets(buffers, size, written)
         packet.clear()
 
     def _write_packets(
