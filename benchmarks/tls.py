@@ -57,7 +57,6 @@ from throughput import (
 )
 
 import multifd
-from multifd.tls import TlsConfig
 
 CHANNELS: Final = (1, 2, 4)
 
@@ -66,22 +65,11 @@ def _row_name(channels: int, tls: bool) -> str:
     return f"{'TLS' if tls else 'plain'}, {channels} ch"
 
 
-def _tls_flags(config: TlsConfig) -> list[str]:
-    return [
-        "--tls-cert",
-        str(config.cert),
-        "--tls-key",
-        str(config.key),
-        "--tls-ca",
-        str(config.ca),
-    ]
-
-
 def python_to_python(channels: int, pki: Pki | None) -> Callable[[Setup, Row], None]:
     """`multifd.send()` into `multifd receive`, with ``channels`` channels, TLS if ``pki``."""
 
     def run(setup: Setup, row: Row) -> None:
-        flags = _tls_flags(pki.dest) if pki is not None else []
+        flags = pki.dest.cli_args() if pki is not None else []
         with receiver_process(setup, channels, extra_args=flags) as (receiver, uri, output):
             args = ["--send-worker", str(setup.image), "--channels", str(channels)]
             args += ["--pki", str(pki.folder)] if pki is not None else []

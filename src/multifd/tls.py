@@ -83,6 +83,11 @@ class TlsConfig:
         if self.hostname is not None and not self.hostname:
             raise ConfigError("TLS hostname must not be empty")
 
+    def cli_args(self) -> list[str]:
+        """The ``multifd send`` / ``multifd receive`` options that give these credentials
+        (``--tls-hostname``, a ``send`` option only, is left to the caller)."""
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key), "--tls-ca", str(self.ca)]
+
     def server_name(self, host: str, *, unix: bool) -> str:
         """The name the source checks in the destination's certificate.
 

@@ -9,29 +9,24 @@ from pathlib import Path
 import numpy as np
 
 from multifd.demo import read_listening_line
-from multifd.tls import TlsConfig
 from tests.migration.helpers import BOUND, PAGE
 from tests.tls.pki import Pki
 
 CLI = [sys.executable, "-m", "multifd"]
 
 
-def _flags(config: TlsConfig) -> list[str]:
-    return [
-        "--tls-cert",
-        str(config.cert),
-        "--tls-key",
-        str(config.key),
-        "--tls-ca",
-        str(config.ca),
-    ]
-
-
 def test_send_and_receive_over_tls(pki: Pki, tmp_path: Path) -> None:
     image = tmp_path / "ram.img"
     image.write_bytes(np.random.default_rng(1).bytes(64 * PAGE))
     receiver = subprocess.Popen(
-        [*CLI, "receive", "tcp:127.0.0.1:0", "--output", str(tmp_path / "out"), *_flags(pki.dest)],
+        [
+            *CLI,
+            "receive",
+            "tcp:127.0.0.1:0",
+            "--output",
+            str(tmp_path / "out"),
+            *pki.dest.cli_args(),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -40,12 +35,12 @@ def test_send_and_receive_over_tls(pki: Pki, tmp_path: Path) -> None:
         address = read_listening_line(receiver.stderr, BOUND)
         # The destination's own pair is no client certificate (serverAuth only).
         stranger = subprocess.run(
-            [*CLI, "send", address, "--block", f"mem={image}", *_flags(pki.dest),
+            [*CLI, "send", address, "--block", f"mem={image}", *pki.dest.cli_args(),
              "--tls-hostname", "dest.test"],
             capture_output=True, timeout=BOUND, check=False,
         )  # fmt: skip
         sent = subprocess.run(
-            [*CLI, "send", address, "--block", f"mem={image}", *_flags(pki.source),
+            [*CLI, "send", address, "--block", f"mem={image}", *pki.source.cli_args(),
              "--tls-hostname", "dest.test"],
             capture_output=True, timeout=BOUND, check=False,
         )  # fmt: skip
