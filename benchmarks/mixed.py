@@ -11,7 +11,8 @@ source starts at QMP ``migrate``, a Python source is an idle worker process told
 ``multifd.send()``; destinations pre-allocate before the clock. The QEMU rows run the
 QEMU 10.0 of ``scripts/qemu10.sh`` with its defaults (``zero-page-detection=multifd``),
 only ``max-bandwidth`` lifted; Python sources use the native profile (zero pages in the
-multifd packets' zero list, as QEMU 10 does).
+multifd packets' zero list, as QEMU 10 does), or ``qemu-10.0`` towards a QEMU destination
+(the Python -> QEMU rows show the send side alone against QEMU's, not judged).
 
 In the same run a worker process measures, best of 3 each: ``numpy.copyto`` of a hot
 1 GiB buffer (memcpy bandwidth) and :func:`multifd.ram.zero_pages` over the image's
@@ -157,6 +158,21 @@ def qemu_to_python(method: str) -> Callable[[Setup, Row], None]:
     return run
 
 
+def python_to_qemu(method: str) -> Callable[[Setup, Row], None]:
+    """`multifd.send(peer="qemu-10.0")` into a pre-allocated QEMU 10 destination, 2 channels:
+    the send side alone against QEMU's (its destination is QEMU->QEMU's)."""
+
+    def run(setup: Setup, row: Row) -> None:
+        with _destination_vm(setup, method) as destination:
+            uri = destination.listen()
+            start = _send(setup, uri, 2, method, peer="qemu-10.0")
+            done = destination.wait_for_status("completed", setup.timeout)
+            row.seconds = (done.event_time or time.time()) - start
+            _check_same(setup.image, destination.ram_path)
+
+    return run
+
+
 QEMU_ZSTD_1CH: Final = f"{QEMU10} -> {QEMU10}, 1 ch, zstd"
 
 
@@ -169,6 +185,7 @@ def _specs() -> list[Spec]:
                  judged=True),
             Spec(f"{QEMU10} -> Python, 2 ch, {method}", method, qemu_to_python(method),
                  judged=True),
+            Spec(f"Python -> {QEMU10}, 2 ch, {method}", method, python_to_qemu(method)),
         ]  # fmt: skip
     specs.append(Spec("Python -> Python, 1 ch, zstd", "zstd", python_to_python(1, "zstd")))
     # QEMU's own scaling from 1 to 2 channels on this machine, beside ours.
@@ -208,20 +225,18 @@ def _destination_vm(setup: Setup, method: str, channels: int = 2) -> Iterator[Qe
         yield destination
 
 
-def _send(setup: Setup, uri: str, channels: int, method: str) -> float:
+def _send(setup: Setup, uri: str, channels: int, method: str, peer: str = "native") -> float:
     """Run ``multifd.send()`` in a started, idle worker process; returns the start time."""
     args = ["--send-worker", str(setup.image), "--channels", str(channels), "--method", method]
-    return run_send_worker(__file__, args, uri, setup.timeout)
+    return run_send_worker(__file__, [*args, "--peer", peer], uri, setup.timeout)
 
 
-def send_worker(image: Path, channels: int, method: str) -> None:
+def send_worker(image: Path, channels: int, method: str, peer: str) -> None:
     """``--send-worker``: map the image, say ready, send to the URI read from stdin."""
     ram = multifd.Ram([multifd.RamBlock.from_file(BLOCK_NAME, image)])
     print("ready", flush=True)
     uri = sys.stdin.readline().strip()
-    multifd.send(
-        uri, ram, channels=channels, peer="native", compression=method, level=_level(method)
-    )
+    multifd.send(uri, ram, channels=channels, peer=peer, compression=method, level=_level(method))
 
 
 # -- the image and the scan -----------------------------------------------------------------
@@ -466,9 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scan-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--channels", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--peer", default="native", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.send_worker is not None:
-        send_worker(args.send_worker, args.channels, args.method)
+        send_worker(args.send_worker, args.channels, args.method, args.peer)
         return 0
     if args.scan_worker is not None:
         scan_worker(args.scan_worker)
