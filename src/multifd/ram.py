@@ -238,7 +238,7 @@ class RamBlock:
         if already.all():
             return
         if isinstance(pages, slice):
-            pages = np.arange(self.page_count)[pages]
+            pages = np.arange(*pages.indices(self.page_count))  # this slice only, not the block
         todo = pages[~already]
         self.pages[todo] = 0
         known[todo] = True
