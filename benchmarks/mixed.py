@@ -53,7 +53,6 @@ from throughput import (
     MIB,
     PREALLOC_NOTE,
     REPO,
-    RESULTS,
     Row,
     Setup,
     _check_same,
@@ -65,6 +64,7 @@ from throughput import (
     _seconds,
     machine,
     parse_size,
+    publish,
     receiver_process,
     run_send_worker,
 )
@@ -458,15 +458,6 @@ def report(
     return markdown, data | {"rows": records}
 
 
-def save(markdown: str, data: dict[str, Any], today: str) -> Path:
-    """Write results/mixed-<today>.md and .json; returns the markdown path."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"mixed-{today}.md"
-    path.write_text(markdown)
-    path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
 # -- main -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 even when rows failed: they are results)."""
@@ -508,10 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [row for row in rows if any(part in row.name for part in args.rows)]
         measure(setup, rows, args.repeat)
     markdown, data = report(rows, size, scan, zeros)
-    print(markdown)
-    if not args.no_save:
-        path = save(markdown, data, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
-        print(f"saved {path} and {path.with_suffix('.json').name}", file=sys.stderr)
+    publish("mixed", markdown, data, save=not args.no_save)
     return 0
 
 

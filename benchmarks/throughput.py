@@ -512,13 +512,16 @@ def _own_peak_rss() -> int:
     return 0
 
 
-def save(markdown: str, data: dict[str, Any], today: str) -> Path:
-    """Write results/throughput-<today>.md and .json; returns the markdown path."""
+def publish(name: str, markdown: str, data: dict[str, Any], *, save: bool) -> None:
+    """Print the report; with ``save``, also write results/<name>-<today>.md and .json."""
+    print(markdown)
+    if not save:
+        return
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"throughput-{today}.md"
+    path = RESULTS / f"{name}-{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d')}.md"
     path.write_text(markdown)
     path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    return path
+    print(f"saved {path} and {path.with_suffix('.json').name}", file=sys.stderr)
 
 
 def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict[str, Any]]:
@@ -608,10 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [row for row in rows if any(part in row.name for part in args.rows)]
         measure(setup, rows, args.repeat or (1 if args.quick else 3))
     markdown, data = report(rows, size, startup)
-    print(markdown)
-    if not args.no_save:
-        path = save(markdown, data, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
-        print(f"saved {path} and {path.with_suffix('.json').name}", file=sys.stderr)
+    publish("throughput", markdown, data, save=not args.no_save)
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import mmap
 import statistics
 import sys
@@ -40,7 +39,6 @@ from tests.tls.pki import Pki, make_pki
 from throughput import (
     MIB,
     PREALLOC_NOTE,
-    RESULTS,
     Row,
     Setup,
     _check_same,
@@ -52,6 +50,7 @@ from throughput import (
     _seconds,
     machine,
     parse_size,
+    publish,
     receiver_process,
     run_send_worker,
 )
@@ -163,15 +162,6 @@ def report(rows: list[Row], size: int, repeat: int) -> tuple[str, dict[str, Any]
                       "rows": records}  # fmt: skip
 
 
-def save(markdown: str, data: dict[str, Any], today: str) -> Path:
-    """Write results/tls-<today>.md and .json; returns the markdown path."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"tls-{today}.md"
-    path.write_text(markdown)
-    path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 even when rows failed: they are results)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -208,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [Row(name) for name in runs]
         measure(setup, rows, runs, repeat)
     markdown, data = report(rows, size, repeat)
-    print(markdown)
-    if not args.no_save:
-        path = save(markdown, data, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
-        print(f"saved {path} and {path.with_suffix('.json').name}", file=sys.stderr)
+    publish("tls", markdown, data, save=not args.no_save)
     return 0
 
 
