@@ -376,7 +376,12 @@ class QemuVm:
             if event is not None:
                 status = _event_status(event)
                 stamps[status] = _event_time(event)
-        return MigrationState(str(status), self.query_migrate(), stamps.get(str(status)))
+        info = self.query_migrate()
+        # QMP messages are read only while this VM's event loop runs: a status reached
+        # while the caller was busy elsewhere has its event queued by the query above.
+        # QEMU stamped it when it happened; the time of this call is later.
+        stamps.update((_event_status(e), _event_time(e)) for e in self._events.clear())
+        return MigrationState(str(status), info, stamps.get(str(status)))
 
     # -- internals -------------------------------------------------------------------------
     def _next_event(self, timeout: float) -> Mapping[str, Any] | None:
