@@ -253,6 +253,10 @@ class RamBlock:
         if self._changed is None:
             self._changed = np.zeros(self.page_count, dtype=np.bool_)
 
+    def pending_changes(self) -> int:
+        """How many pages were written since the last :meth:`take_changes` (0 untracked)."""
+        return 0 if self._changed is None else int(np.count_nonzero(self._changed))
+
     def take_changes(self) -> npt.NDArray[np.int64]:
         """The pages (ascending numbers) written since the last take; clears the record.
 

@@ -17,6 +17,7 @@ import pytest
 
 import multifd
 from multifd.errors import ConfigError, MigrationFailed
+from multifd.migration import relay as relay_module
 from multifd.migration.precopy import Hooks, Limits, TimeoutPolicy
 from multifd.migration.recording import MANIFEST, RecordingError, record, replay
 from multifd.migration.relay import OutSettings, RelayStats, relay
@@ -59,7 +60,12 @@ HOPS = [
 
 
 @pytest.mark.parametrize(("into", "out_of"), HOPS)
-def test_live_migration_through_the_relay_arrives_whole(into: Hop, out_of: Hop) -> None:
+def test_live_migration_through_the_relay_arrives_whole(
+    into: Hop, out_of: Hop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every incoming marker waits for the forwarder (no lag allowed), so each pass after
+    # the first is forwarded in a round of its own, whatever the scheduling.
+    monkeypatch.setattr(relay_module, "_LAG_PAGES", 0)
     source = make_ram(7, SIZES)
     receiver = ReceiverThread({"channels": out_of.channels, "compression": out_of.compression})
     target = receiver.start(LOCAL)

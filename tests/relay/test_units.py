@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Final, cast
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from multifd.errors import ConfigError, ProtocolError
-from multifd.ram import RamBlock
+from multifd.migration.relay import _Forwarder
+from multifd.migration.source import Source
+from multifd.ram import Ram, RamBlock
 from multifd.wire import stream as s
 from multifd.wire.constants import MIG_CMD_SWITCHOVER_START, PAGE_SIZE
 from multifd.wire.records import Event
+
+TIMEOUT: Final = 10.0
 
 RAM_ID = 3
 BLOCK = "pc.ram"
@@ -207,3 +217,69 @@ class TestChanges:
         block.written_page(4)
         block.track_changes()
         assert block.take_changes().tolist() == [4]
+
+
+class TestCatchUp:
+    """The loader's wait at an incoming marker (:meth:`_Forwarder.catch_up`)."""
+
+    class FakeSource:
+        """Records the rounds a forwarder sends; each waits for ``gate``."""
+
+        def __init__(self) -> None:
+            self.rounds: list[list[int]] = []
+            self.gate = threading.Event()  # set: send_pass may return
+
+        def send_pass(self, pages: dict[str, npt.NDArray[np.int64]]) -> None:
+            assert self.gate.wait(TIMEOUT), "the test never opened the gate"
+            self.rounds.append(pages["b"].tolist())
+
+        def forward(self, *chunks: bytes) -> None:
+            raise AssertionError("no records in these tests")
+
+        def abort(self, exc: BaseException) -> None:
+            self.gate.set()
+
+    @contextlib.contextmanager
+    def forwarder(self) -> Iterator[tuple[_Forwarder, FakeSource, RamBlock]]:
+        block = RamBlock.anonymous("b", 64 * PAGE_SIZE)
+        block.track_changes()
+        source = self.FakeSource()
+        failures: list[BaseException] = []
+        forwarder = _Forwarder(cast(Source, source), Ram([block]), failures.append)
+        forwarder.start()
+        try:
+            yield forwarder, source, block
+        finally:
+            source.gate.set()
+            forwarder.stop()
+            block.close()
+        assert failures == []
+
+    def test_pending_changes_count_what_the_next_take_returns(self) -> None:
+        block = RamBlock.anonymous("b", 16 * PAGE_SIZE)
+        block.written_page(1)
+        assert block.pending_changes() == 0  # untracked
+        block.track_changes()
+        block.landed(slice(2, 5))
+        block.write_zero_page(9)
+        assert block.pending_changes() == 4
+        assert block.take_changes().tolist() == [2, 3, 4, 9]
+        assert block.pending_changes() == 0
+
+    def test_a_backlog_within_the_lag_does_not_wait(self) -> None:
+        with self.forwarder() as (forwarder, source, block):
+            block.landed(slice(0, 10))
+            opener = threading.Timer(TIMEOUT, source.gate.set)  # only if the wait is wrong
+            opener.start()
+            forwarder.catch_up(lag=10)  # the forwarder is stuck in its round: no wait
+            opener.cancel()
+            opener.join()
+            assert not source.gate.is_set()
+            assert source.rounds == []
+
+    def test_a_larger_backlog_waits_until_it_was_sent(self) -> None:
+        with self.forwarder() as (forwarder, source, block):
+            block.landed(slice(0, 10))
+            source.gate.set()
+            forwarder.catch_up(lag=9)
+            assert sorted(p for r in source.rounds for p in r) == list(range(10))
