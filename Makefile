@@ -61,10 +61,11 @@ fuzz: $(STAMP)
 	nice -n 19 $(PY) fuzz/fuzz_receiver.py .cache/fuzz-corpus fuzz/corpus -max_len=65536 \
 		-timeout=30 -runs=20000 -artifact_prefix=.cache/fuzz-crashes/
 
-bench: $(STAMP) qemu10
+bench: $(STAMP) qemu10 guest
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/convergence.py
 	$(PY) benchmarks/mixed.py
+	$(PY) benchmarks/relay_pause.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .cache
