@@ -19,7 +19,7 @@ from multifd.engine.handshake import (
     recv_step,
     step,
 )
-from multifd.engine.pageio import recv_exact_into
+from multifd.engine.pageio import recv_exact_into, run_views
 from multifd.engine.recv import Receiver
 from multifd.engine.trace import TraceEvent
 from multifd.errors import MigrationFailed, ProtocolError
@@ -187,3 +187,24 @@ def test_sync_with_pages_is_applied_and_counted() -> None:
     run(Ram([block]), header + page(1) + page(2))
     assert page_values(block)[:5] == [0xEE, 0xEE, 1, 2, 0xEE]
     assert np.count_nonzero(block.pages[:, 0] != 0xEE) == 2
+
+
+@pytest.mark.parametrize(
+    ("pages", "runs"),
+    [
+        ([], []),
+        ([5], [(5, 1)]),
+        ([0, 1, 2, 3], [(0, 4)]),
+        ([0, 2, 3, 7, 8, 9], [(0, 1), (2, 2), (7, 3)]),
+        ([4, 4, 5], [(4, 1), (4, 2)]),  # the same page twice (QEMU < 9.0 may): both land
+        ([9, 8, 3], [(9, 1), (8, 1), (3, 1)]),  # descending: header order kept
+    ],
+)
+def test_run_views_cut_where_the_next_page_does_not_follow(
+    pages: list[int], runs: list[tuple[int, int]]
+) -> None:
+    buffer = b"".join(bytes([page]) * PAGE_SIZE for page in range(16))  # one value a page
+    views = run_views(memoryview(buffer), np.array(pages, dtype=np.int64) * PAGE_SIZE)
+    expected = [buffer[p * PAGE_SIZE : (p + n) * PAGE_SIZE] for p, n in runs]
+    assert [bytes(v) for v in views] == expected
+    assert [v.nbytes for v in views] == [n * PAGE_SIZE for _, n in runs]

@@ -166,6 +166,22 @@ def test_qemu10_multifd_off_via_relay_into_qemu10_4ch_zstd(
     print(f"\n10.0 plain -> relay -> 10.0 4ch zstd: {report.summary()}; relay: {_describe(stats)}")
 
 
+def test_qemu10_4ch_zlib_via_relay_into_qemu10_1ch_zstd(
+    make_guest: MakeGuest, qemu10_binary: str, record_property: RecordProperty
+) -> None:
+    # multifd on both hops, with other channel counts and methods on each.
+    src = _boot(make_guest, qemu10_binary)
+    dst = make_guest(qemu10_binary, name="dst", incoming=True)
+    out = OutSettings(channels=1, compression="zstd")
+    source = Settings(channels=4, compression="zlib")
+    stats = _via_relay(src, dst, source, out, Settings(channels=1, compression="zstd"))
+    report = check_migration(src, dst)
+    _record(report, record_property)
+    print(f"\n10.0 4ch zlib -> relay -> 10.0 1ch zstd: {report.summary()}; {_describe(stats)}")
+    assert [ch.channel for ch in stats.outgoing][1:] == ["multifd/0"]
+    assert stats.incoming.channels[-1].channel == "multifd/3"
+
+
 def test_pause_through_the_relay_beside_a_direct_migration(
     make_guest: MakeGuest, qemu10_binary: str, record_property: RecordProperty
 ) -> None:

@@ -39,9 +39,9 @@ from multifd.engine.pageio import (
     Offsets,
     channel_error,
     channel_io,
-    page_runs,
     recv_exact,
     recv_exact_into,
+    run_views,
 )
 from multifd.engine.shutdown import Shutdown, Stoppable
 from multifd.engine.stats import ChannelCounters, Counters
@@ -309,7 +309,7 @@ def _runs(block: RamBlock, first: int, normal: int, offsets: Offsets | None) -> 
     view = block.view
     if offsets is None:
         return [view[first : first + normal * PAGE_SIZE]]
-    return [view[start : start + length] for start, length in page_runs(offsets[:normal])]
+    return run_views(view, offsets[:normal])
 
 
 def _pages(block: RamBlock, first: int, normal: int, offsets: Offsets | None) -> list[memoryview]:
