@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import tracemalloc
 import zlib
@@ -12,6 +13,7 @@ import zstandard
 
 from multifd import compression
 from multifd.compression import Compressor, Decompressor
+from multifd.compression import zstd as zstd_module
 from multifd.errors import ConfigError, ProtocolError
 from multifd.wire.constants import (
     MAX_COMPRESSED_PAYLOAD,
@@ -298,6 +300,38 @@ def test_output_views_must_be_whole_writable_pages(method: str) -> None:
         decompressor.decompress_into(TV7, [memoryview(bytes(PAGE_SIZE))] * 3, channel=CHANNEL)
     with pytest.raises(ValueError, match="writable"):
         decompressor.decompress_into(TV7, [memoryview(bytearray(100))] * 3, channel=CHANNEL)
+    with pytest.raises(ValueError, match="writable"):  # runs are whole pages, too
+        decompressor.decompress_into(TV7, [memoryview(bytearray(PAGE_SIZE + 1))], channel=CHANNEL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_runs_of_pages_take_the_same_output_as_single_pages(method: str) -> None:
+    # The receiver hands runs of contiguous pages: 1 + 3 + 2 pages here, 6 views by page.
+    pages = mixed_pages(random.Random(5), 6)
+    compressor = make_compressor(method)
+    payloads = [compressor.compress(pages), compressor.compress(pages[::-1])]
+    by_page, by_run = make_decompressor(method), make_decompressor(method)
+    for payload, expected in zip(payloads, (pages, pages[::-1]), strict=True):
+        singles = out_pages(6)
+        by_page.decompress_into(payload, singles, channel=CHANNEL)
+        runs = [memoryview(bytearray(n * PAGE_SIZE)) for n in (1, 3, 2)]
+        by_run.decompress_into(payload, runs, channel=CHANNEL)
+        assert [bytes(v) for v in singles] == expected
+        assert b"".join(bytes(v) for v in runs) == b"".join(expected)
+
+
+def test_zstd_output_chunks_may_cross_runs() -> None:
+    # The stream writer hands output in chunks; a chunk ending inside a run, or spanning
+    # several, must continue where the last one stopped.
+    sink = zstd_module._PageSink()
+    runs = [memoryview(bytearray(n * PAGE_SIZE)) for n in (2, 1, 3)]
+    data = b"".join(bytes([k]) * PAGE_SIZE for k in range(6))
+    sink.start(runs, 6 * PAGE_SIZE)
+    cuts = [0, 5000, 5001, 3 * PAGE_SIZE + 7, 6 * PAGE_SIZE]
+    for start, end in itertools.pairwise(cuts):
+        assert sink.write(data[start:end]) == end - start
+    assert sink.finish() == 6 * PAGE_SIZE
+    assert b"".join(bytes(v) for v in runs) == data
 
 
 # --- decompression bombs -----------------------------------------------------------------

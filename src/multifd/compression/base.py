@@ -47,15 +47,16 @@ class Decompressor(Protocol):
     def decompress_into(
         self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
     ) -> None:
-        """Decompress one packet's payload, writing page ``i`` into ``out[i]``.
+        """Decompress one packet's payload into its pages: the views of ``out`` in turn,
+        each one page or a run of contiguous pages (the packet's order).
 
-        The payload must produce exactly ``len(out) * PAGE_SIZE`` bytes; output is
+        The payload must produce exactly as many bytes as ``out`` holds; output is
         bounded by that size whatever the payload claims (no decompression bombs).
 
         Raises:
             ProtocolError: the payload is corrupt, too short or too long, or an earlier
                 payload on this channel was.
-            ValueError: an ``out`` view is not ``PAGE_SIZE`` writable bytes.
+            ValueError: an ``out`` view is not whole writable pages.
         """
         ...
 
@@ -72,11 +73,14 @@ def check_pages(pages: Sequence[memoryview | bytes]) -> None:
             raise ValueError(f"page data must be whole {PAGE_SIZE}-byte pages, got {len(page)}")
 
 
-def check_out(out: Sequence[memoryview]) -> None:
-    """Reject output views that cannot take one page each."""
+def check_out(out: Sequence[memoryview]) -> int:
+    """Reject output views that are not whole writable pages; the bytes they hold."""
+    total = 0
     for view in out:
-        if view.readonly or view.nbytes != PAGE_SIZE:
-            raise ValueError(f"each output view must be {PAGE_SIZE} writable bytes")
+        if view.readonly or not view.nbytes or view.nbytes % PAGE_SIZE:
+            raise ValueError(f"each output view must be whole writable {PAGE_SIZE}-byte pages")
+        total += view.nbytes
+    return total
 
 
 def check_payload(payload: bytes | memoryview, pages: int, method: str, *, channel: str) -> None:
@@ -98,10 +102,13 @@ def check_payload(payload: bytes | memoryview, pages: int, method: str, *, chann
 
 
 def scatter(data: bytes | memoryview, out: Sequence[memoryview]) -> None:
-    """Copy ``len(out)`` pages of ``data`` into the output views."""
+    """Copy ``data`` into the output views in turn (as many bytes as they hold)."""
     with memoryview(data) as view:
-        for index, page in enumerate(out):
-            page[:] = view[index * PAGE_SIZE : (index + 1) * PAGE_SIZE]
+        at = 0
+        for run in out:
+            end = at + run.nbytes
+            run[:] = view[at:end]
+            at = end
 
 
 class Poisoned:
@@ -116,9 +123,9 @@ class Poisoned:
     ) -> int:
         """Check one packet before it is inflated; the bytes it must produce (0: none)."""
         self.check(channel)
-        check_out(out)
-        check_payload(payload, len(out), self._method, channel=channel)
-        return len(out) * PAGE_SIZE
+        expected = check_out(out)
+        check_payload(payload, expected // PAGE_SIZE, self._method, channel=channel)
+        return expected
 
     def check(self, channel: str) -> None:
         """Raise if an earlier payload broke the stream."""

@@ -55,32 +55,43 @@ class _PacketOverflowError(Exception):
 
 
 class _PageSink:
-    """Receives decompressed chunks and copies them into the current packet's pages."""
+    """Receives decompressed chunks and copies them into the current packet's pages.
+
+    The pages come as runs of contiguous pages: one copy per run a chunk covers, not one
+    per page (a packet of 128 contiguous pages is one copy).
+    """
 
     def __init__(self) -> None:
-        self.pages: Sequence[memoryview] = ()
+        self.runs: Sequence[memoryview] = ()
+        self.size = 0  # bytes the runs hold
         self.written = 0
+        self._run = 0  # the run the next byte goes to, and where in it
+        self._at = 0
 
-    def start(self, pages: Sequence[memoryview]) -> None:
-        self.pages = pages
-        self.written = 0
+    def start(self, runs: Sequence[memoryview], size: int) -> None:
+        self.runs, self.size = runs, size
+        self.written = self._run = self._at = 0
 
     def finish(self) -> int:
-        """Drop the page views (so the caller may release its buffers); bytes written."""
-        self.pages = ()
+        """Drop the views (so the caller may release its buffers); bytes written."""
+        self.runs = ()
         return self.written
 
     def write(self, chunk: bytes) -> int:
         end = self.written + len(chunk)
-        if end > len(self.pages) * PAGE_SIZE:
+        if end > self.size:
             raise _PacketOverflowError
         with memoryview(chunk) as source:
-            used = 0
+            used, run, at = 0, self._run, self._at
             while used < len(source):
-                index, at = divmod(self.written + used, PAGE_SIZE)
-                count = min(PAGE_SIZE - at, len(source) - used)
-                self.pages[index][at : at + count] = source[used : used + count]
+                view = self.runs[run]
+                count = min(view.nbytes - at, len(source) - used)
+                view[at : at + count] = source[used : used + count]
                 used += count
+                at += count
+                if at == view.nbytes:
+                    run, at = run + 1, 0
+            self._run, self._at = run, at
         self.written = end
         return len(chunk)
 
@@ -104,7 +115,7 @@ class ZstdDecompressor:
         expected = self._poisoned.start_packet(payload, out, channel=channel)
         if not expected:
             return
-        self._sink.start(out)
+        self._sink.start(out, expected)
         try:
             self._writer.write(payload)
         except _PacketOverflowError:

@@ -226,7 +226,7 @@ class _RecvChannel:
             if self.decompressor is None:
                 size = self._read_runs(_runs(block, first, normal, offsets), normal * PAGE_SIZE)
             else:
-                size = self._read_compressed(_pages(block, first, normal, offsets), next_size)
+                size = self._read_compressed(_runs(block, first, normal, offsets), next_size)
             block.landed(data)
         if zero:
             block.write_zero(zeros)
@@ -310,16 +310,6 @@ def _runs(block: RamBlock, first: int, normal: int, offsets: Offsets | None) -> 
     if offsets is None:
         return [view[first : first + normal * PAGE_SIZE]]
     return run_views(view, offsets[:normal])
-
-
-def _pages(block: RamBlock, first: int, normal: int, offsets: Offsets | None) -> list[memoryview]:
-    """Views of the block, one per page with data, in header order (``offsets`` as in _runs)."""
-    view = block.view
-    if offsets is None:
-        starts = range(first, first + normal * PAGE_SIZE, PAGE_SIZE)
-    else:
-        starts = offsets[:normal].tolist()
-    return [view[start : start + PAGE_SIZE] for start in starts]
 
 
 class Receiver(Stoppable):
