@@ -27,12 +27,13 @@ those crash the guest: the same several-pass loss, presumably).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import pytest
 
-from multifd.errors import MAIN, MigrationFailed
+from multifd.errors import MAIN, MigrationFailed, multifd_channel
 from multifd.migration.recording import record, replay
 from multifd.migration.relay import OutSettings, RelayStats, relay
 from multifd.migration.stats import MigrationStats
@@ -107,79 +108,75 @@ def _describe(stats: RelayStats) -> str:
     )
 
 
-def test_qemu72_2ch_via_relay_into_qemu72_4ch_zstd(
-    make_guest: MakeGuest, qemu_binary: str, record_property: RecordProperty
-) -> None:
-    src = _boot(make_guest, qemu_binary)
-    dst = make_guest(qemu_binary, name="dst", incoming=True)
-    out = OutSettings(channels=4, compression="zstd")
-    dest = Settings(channels=4, compression="zstd")
-    stats = _via_relay(src, dst, Settings(channels=2), out, dest, downtime_limit_ms=ONE_PASS_MS)
-    report = check_migration(src, dst)
-    _record(report, record_property)
-    print(f"\n7.2 2ch -> relay -> 7.2 4ch zstd: {report.summary()}; relay: {_describe(stats)}")
-    assert stats.sync_mode == "per-section"
-    assert stats.machine == "pc-q35-7.2"
-    assert stats.tail_bytes > 10_000  # the CPU and device sections went through
+@dataclass(frozen=True)
+class Hops:
+    """One relayed case: the QEMU versions at both ends and every hop's settings."""
 
-
-def test_qemu10_via_relay_into_qemu72(
-    make_guest: MakeGuest, qemu_binary: str, qemu10_binary: str, record_property: RecordProperty
-) -> None:
-    src = _boot(make_guest, qemu10_binary)
-    dst = make_guest(qemu_binary, name="dst", incoming=True)
-    out = OutSettings(channels=2, peer="qemu-7.2")
-    stats = _via_relay(src, dst, Settings(channels=4), out, Settings(channels=2))
-    report = check_migration(src, dst)
-    _record(report, record_property)
-    print(f"\n10.0 4ch -> relay -> 7.2 2ch: {report.summary()}; relay: {_describe(stats)}")
-
-
-def test_qemu72_via_relay_into_qemu10_4ch_zstd(
-    make_guest: MakeGuest, qemu_binary: str, qemu10_binary: str, record_property: RecordProperty
-) -> None:
-    src = _boot(make_guest, qemu_binary)
-    dst = make_guest(qemu10_binary, name="dst", incoming=True)
+    source: str  # "7.2" or "10.0"
+    destination: str
+    incoming: Settings  # the source's settings, and the relay's incoming side
+    out: OutSettings
     # QEMU 10.0 with machine pc-q35-7.2 expects 7.2's wire (sync at every EOS, zero pages
-    # on the main channel, no switchover-start), whatever the source was.
-    out = OutSettings(channels=4, compression="zstd", peer="qemu-7.2")
-    dest = Settings(channels=4, compression="zstd")
-    stats = _via_relay(src, dst, Settings(channels=2), out, dest, downtime_limit_ms=ONE_PASS_MS)
-    report = check_migration(src, dst)
-    _record(report, record_property)
-    print(f"\n7.2 2ch -> relay -> 10.0 4ch zstd: {report.summary()}; relay: {_describe(stats)}")
-    assert stats.sync_mode == "per-section"
-    assert stats.out_profile == "qemu-7.2"
-    assert stats.tail_bytes > 10_000
+    # on the main channel, no switchover-start), whatever the source was: out.peer says it.
+
+    @property
+    def name(self) -> str:
+        def side(settings: Settings | OutSettings) -> str:
+            if not settings.channels:
+                return "plain"
+            return f"{settings.channels}ch {settings.compression}"
+
+        return (
+            f"{self.source} {side(self.incoming)} -> relay -> {self.destination} {side(self.out)}"
+        )
 
 
-def test_qemu10_multifd_off_via_relay_into_qemu10_4ch_zstd(
-    make_guest: MakeGuest, qemu10_binary: str, record_property: RecordProperty
+RELAYED = [
+    # the direct migration between these two configurations never completes (test_direct)
+    pytest.param(Hops("7.2", "7.2", Settings(channels=2), OutSettings(4, "zstd")), id="7.2-to-7.2"),
+    pytest.param(
+        Hops("10.0", "7.2", Settings(channels=4), OutSettings(2, peer="qemu-7.2")), id="10.0-to-7.2"
+    ),
+    pytest.param(
+        Hops("7.2", "10.0", Settings(channels=2), OutSettings(4, "zstd", peer="qemu-7.2")),
+        id="7.2-to-10.0",
+    ),
+    pytest.param(
+        Hops("10.0", "10.0", Settings(channels=0), OutSettings(4, "zstd", level=3)),
+        id="10.0-plain-to-10.0-zstd",
+    ),
+    pytest.param(  # multifd on both hops, other channel counts and methods on each
+        Hops("10.0", "10.0", Settings(channels=4, compression="zlib"), OutSettings(1, "zstd")),
+        id="10.0-zlib-to-10.0-zstd",
+    ),
+]
+
+
+@pytest.mark.parametrize("hops", RELAYED)
+def test_a_real_guest_through_the_relay(
+    hops: Hops,
+    make_guest: MakeGuest,
+    qemu_binary: str,
+    qemu10_binary: str,
+    record_property: RecordProperty,
 ) -> None:
-    src = _boot(make_guest, qemu10_binary)
-    dst = make_guest(qemu10_binary, name="dst", incoming=True)
-    out = OutSettings(channels=4, compression="zstd", level=3)
-    dest = Settings(channels=4, compression="zstd", level=3)
-    stats = _via_relay(src, dst, Settings(channels=0), out, dest)
+    binaries = {"7.2": qemu_binary, "10.0": qemu10_binary}
+    src = _boot(make_guest, binaries[hops.source])
+    dst = make_guest(binaries[hops.destination], name="dst", incoming=True)
+    out = hops.out
+    dest = Settings(channels=out.channels, compression=out.compression, level=out.level)
+    limit = ONE_PASS_MS if hops.source == "7.2" else None
+    stats = _via_relay(src, dst, hops.incoming, out, dest, downtime_limit_ms=limit)
     report = check_migration(src, dst)
     _record(report, record_property)
-    print(f"\n10.0 plain -> relay -> 10.0 4ch zstd: {report.summary()}; relay: {_describe(stats)}")
-
-
-def test_qemu10_4ch_zlib_via_relay_into_qemu10_1ch_zstd(
-    make_guest: MakeGuest, qemu10_binary: str, record_property: RecordProperty
-) -> None:
-    # multifd on both hops, with other channel counts and methods on each.
-    src = _boot(make_guest, qemu10_binary)
-    dst = make_guest(qemu10_binary, name="dst", incoming=True)
-    out = OutSettings(channels=1, compression="zstd")
-    source = Settings(channels=4, compression="zlib")
-    stats = _via_relay(src, dst, source, out, Settings(channels=1, compression="zstd"))
-    report = check_migration(src, dst)
-    _record(report, record_property)
-    print(f"\n10.0 4ch zlib -> relay -> 10.0 1ch zstd: {report.summary()}; {_describe(stats)}")
-    assert [ch.channel for ch in stats.outgoing][1:] == ["multifd/0"]
-    assert stats.incoming.channels[-1].channel == "multifd/3"
+    print(f"\n{hops.name}: {report.summary()}; relay: {_describe(stats)}")
+    assert stats.machine == "pc-q35-7.2"
+    assert stats.sync_mode == "per-section"  # what pc-q35-7.2 means on 7.2 and 10.0 alike
+    assert stats.tail_bytes > 10_000  # the CPU and device sections went through
+    channels = [MAIN, *(multifd_channel(i) for i in range(hops.incoming.channels))]
+    assert [ch.channel for ch in stats.incoming.channels] == channels
+    channels = [MAIN, *(multifd_channel(i) for i in range(out.channels))]
+    assert [ch.channel for ch in stats.outgoing] == channels
 
 
 def test_pause_through_the_relay_beside_a_direct_migration(
