@@ -396,9 +396,12 @@ def consecutive_from(header: bytes | bytearray | memoryview, count: int) -> int 
     if not count:
         return None
     first = int.from_bytes(header[PACKET_FIXED_SIZE : PACKET_FIXED_SIZE + 8], "big")
-    if (first + (count - 1) * PAGE_SIZE) >> _LANE:
+    last = first + (count - 1) * PAGE_SIZE
+    if last >> _LANE:
         return None  # a lane would carry into the next one
     end = PACKET_FIXED_SIZE + 8 * count
+    if int.from_bytes(header[end - 8 : end], "big") != last:
+        return None  # the usual miss, told without reading every offset
     packed = int.from_bytes(header[PACKET_FIXED_SIZE:end], "big")
     return first if packed == first * _ONES[count] + _RAMP[count] else None
 
