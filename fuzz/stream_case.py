@@ -115,14 +115,21 @@ class Outcome:
     before: dict[str, bytes] = field(default_factory=dict)
 
 
+_QUIET = ("multifd", "multifd.recv", "multifd.destination")
+
+
 class Receiver:
     """Runs fuzz cases against ``multifd.receive`` over a Unix socket in a private folder."""
 
     def __init__(self) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="multifd-fuzz-")
         self.address = f"unix:{os.path.join(self._folder.name, 'dest.sock')}"
-        for name in ("multifd", "multifd.recv", "multifd.destination"):
-            logging.getLogger(name).disabled = True  # failures are the point: keep quiet
+        # Failures are the point: keep quiet until close(), which restores the loggers
+        # (a test after this harness may read what they say).
+        self._quieted = [logging.getLogger(name) for name in _QUIET]
+        self._was_disabled = [logger.disabled for logger in self._quieted]
+        for logger in self._quieted:
+            logger.disabled = True
 
     def run(self, case: Case) -> Outcome:
         outcome = Outcome()
@@ -165,6 +172,8 @@ class Receiver:
 
     def close(self) -> None:
         self._folder.cleanup()
+        for logger, was in zip(self._quieted, self._was_disabled, strict=True):
+            logger.disabled = was
 
 
 def _feed(address: str, case: Case) -> None:
