@@ -27,10 +27,19 @@ class Compressor(Protocol):
     def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
         """One packet's payload: every page fed in order, the last with a sync flush.
 
-        The stream is never ended, so the next packet continues it.
+        ``pages`` holds single pages or runs of contiguous pages. The stream is never
+        ended, so the next packet continues it.
 
         Raises:
-            ValueError: ``pages`` is empty or a page is not ``PAGE_SIZE`` bytes.
+            ValueError: ``pages`` is empty or a buffer is not whole ``PAGE_SIZE`` pages.
+        """
+        ...
+
+    def compress_parts(self, pages: Sequence[memoryview | bytes]) -> list[bytes]:
+        """:meth:`compress`'s payload as the pieces the library returned, none empty.
+
+        A sender hands them to ``sendmsg`` as they are: joining them first would copy the
+        whole payload once more.
         """
         ...
 

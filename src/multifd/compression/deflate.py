@@ -29,6 +29,9 @@ class ZlibCompressor:
         self._deflate = zlib.compressobj(level)  # owned by the channel's send thread
 
     def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
+        return b"".join(self.compress_parts(pages))
+
+    def compress_parts(self, pages: Sequence[memoryview | bytes]) -> list[bytes]:
         check_pages(pages)
         # Page by page, as QEMU feeds deflate: at level 0 the stored blocks follow the
         # input calls, so whole runs would give other (equally valid) bytes.
@@ -38,7 +41,7 @@ class ZlibCompressor:
             for start in range(0, len(run), PAGE_SIZE)
         ]
         parts.append(self._deflate.flush(zlib.Z_SYNC_FLUSH))
-        return b"".join(parts)
+        return [part for part in parts if part]
 
 
 class ZlibDecompressor:

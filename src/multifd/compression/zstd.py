@@ -42,12 +42,15 @@ class ZstdCompressor:
         self._cctx = zstandard.ZstdCompressor(level=level).compressobj()
 
     def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
+        return b"".join(self.compress_parts(pages))
+
+    def compress_parts(self, pages: Sequence[memoryview | bytes]) -> list[bytes]:
         check_pages(pages)
         # One call per run of pages: zstd's output does not depend on how the input is cut
         # (checked against page-by-page feeding at levels 0-19), and every call takes the GIL.
         parts = [self._cctx.compress(run) for run in pages]
         parts.append(self._cctx.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
-        return b"".join(parts)
+        return [part for part in parts if part]
 
 
 class _PacketOverflowError(Exception):

@@ -146,8 +146,7 @@ class _SendChannel:
             body_size = packet.normal * PAGE_SIZE
             compressed = self.compressor is not None and packet.normal > 0
             if compressed:
-                payload = self._compress(packet)
-                body, body_size = [payload], len(payload)
+                body, body_size = self._compress(packet)
             if buffers and len(buffers) + 1 + len(body) > _IOV_MAX:
                 self._write_packets(buffers, size, written)
                 buffers, written, size = [], [], 0
@@ -171,7 +170,7 @@ class _SendChannel:
                 # (twice the sender's system time).
                 self._write_packets(buffers, size, written)
                 buffers, written, size = [], [], 0
-                del payload, body  # before the next compress() allocates its payload
+                del body  # the next packet compresses into memory freed by this one
         if buffers:
             self._write_packets(buffers, size, written)
         packet.clear()
@@ -187,16 +186,18 @@ class _SendChannel:
             self.counters.count(pages=normal, zero_pages=zero, sync=False, size=packet_size)
             self._trace(header)
 
-    def _compress(self, batch: Batch) -> bytes:
+    def _compress(self, batch: Batch) -> tuple[list[bytes], int]:
+        """The packet's payload, in the pieces the compressor made, and its size."""
         assert self.compressor is not None
         assert batch.block is not None
-        payload = self.compressor.compress(batch.runs)  # the runs of pages with data
-        if len(payload) > MAX_COMPRESSED_PAYLOAD:
+        parts = self.compressor.compress_parts(batch.runs)  # the runs of pages with data
+        size = sum(len(part) for part in parts)
+        if size > MAX_COMPRESSED_PAYLOAD:
             raise ConfigError(
-                f"{self.name}: compressed payload of {len(payload)} bytes exceeds "
+                f"{self.name}: compressed payload of {size} bytes exceeds "
                 f"{MAX_COMPRESSED_PAYLOAD} bytes"
             )
-        return payload
+        return parts, size
 
     def _write(self, buffers: Sequence[bytes | memoryview], size: int) -> None:
         try:
