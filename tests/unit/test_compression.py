@@ -305,6 +305,17 @@ def test_output_views_must_be_whole_writable_pages(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_parts_are_the_payload_in_pieces(method: str) -> None:
+    pages = mixed_pages(random.Random(9), 12)
+    whole, pieces = make_compressor(method), make_compressor(method)
+    for batch in (pages, pages[:5]):  # the second packet continues both streams
+        parts = pieces.compress_parts(batch)
+        assert parts
+        assert all(parts)  # no empty buffer for sendmsg
+        assert b"".join(parts) == whole.compress(batch)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_runs_of_pages_take_the_same_output_as_single_pages(method: str) -> None:
     # The receiver hands runs of contiguous pages: 1 + 3 + 2 pages here, 6 views by page.
     pages = mixed_pages(random.Random(5), 6)
