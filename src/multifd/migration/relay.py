@@ -73,8 +73,8 @@ _ROUND_MAX: Final = 8192
 # At an incoming marker the loader waits for the forwarder only if more pages than this
 # (16 MiB) wait to go: the two hops then move pages at once, and the lag stays bounded.
 # With 8 MiB slices and a full wait at every marker the relay added a median 155 ms to
-# a real guest's pause (6 pairs, QEMU 10.0 both ends); with these two, 106 ms over 28 pairs
-# in four runs (run medians 46 to 122 ms). A 64 MiB lag measured the same as 16.
+# a real guest's pause (6 pairs, QEMU 10.0 both ends); with these two, 106 ms over 44 pairs
+# in six runs (run medians 46 to 145 ms). A 64 MiB lag measured the same as 16.
 _LAG_PAGES: Final = 4096
 # Waits on the forwarder wake up this often to notice that it failed.
 _SLICE: Final = 0.25
