@@ -56,12 +56,11 @@ from throughput import (
     Row,
     Setup,
     _check_same,
-    _completed_at,
     _fmt,
     _rate,
-    _require_ok,
     _run_once,
     _seconds,
+    finish_receive,
     machine,
     parse_size,
     publish,
@@ -130,11 +129,7 @@ def python_to_python(channels: int, method: str) -> Callable[[Setup, Row], None]
     def run(setup: Setup, row: Row) -> None:
         with receiver_process(setup, channels, method) as (receiver, uri, output):
             start = _send(setup, uri, channels, method)
-            result = receiver.wait(setup.timeout)
-            _require_ok("receive", result.returncode, result.stderr)
-            row.seconds = _completed_at(receiver, result.end_time) - start
-            row.receiver_rss = result.max_rss
-            _check_same(setup.image, output / BLOCK_NAME)
+            finish_receive(setup, row, receiver, output, start)
 
     return run
 
@@ -149,11 +144,7 @@ def qemu_to_python(method: str) -> Callable[[Setup, Row], None]:
         ):
             start = time.time()
             source.migrate(uri)
-            result = receiver.wait(setup.timeout)
-            _require_ok("receive", result.returncode, result.stderr)
-            row.seconds = _completed_at(receiver, result.end_time) - start
-            row.receiver_rss = result.max_rss
-            _check_same(setup.image, output / BLOCK_NAME)
+            finish_receive(setup, row, receiver, output, start)
 
     return run
 

@@ -243,11 +243,7 @@ def python_to_python(channels: int) -> Callable[[Setup, Row], None]:
     def run(setup: Setup, row: Row) -> None:
         with receiver_process(setup, channels) as (receiver, uri, output):
             start = _send(setup, uri, channels, "native")
-            result = receiver.wait(setup.timeout)
-            _require_ok("receive", result.returncode, result.stderr)
-            row.seconds = _completed_at(receiver, result.end_time) - start
-            row.receiver_rss = result.max_rss
-            _check_same(setup.image, output / BLOCK_NAME)
+            finish_receive(setup, row, receiver, output, start)
 
     return run
 
@@ -258,11 +254,7 @@ def qemu_to_python(setup: Setup, row: Row) -> None:
         source.configure(2, max_bandwidth=FAST)
         start = time.time()
         source.migrate(uri)
-        result = receiver.wait(setup.timeout)
-        _require_ok("receive", result.returncode, result.stderr)
-        row.seconds = _completed_at(receiver, result.end_time) - start
-        row.receiver_rss = result.max_rss
-        _check_same(setup.image, output / BLOCK_NAME)
+        finish_receive(setup, row, receiver, output, start)
 
 
 def python_to_qemu(setup: Setup, row: Row) -> None:
@@ -358,6 +350,18 @@ def send_worker(image: Path, channels: int, peer: str) -> None:
     print("ready", flush=True)
     uri = sys.stdin.readline().strip()
     multifd.send(uri, ram, channels=channels, peer=peer)
+
+
+def finish_receive(
+    setup: Setup, row: Row, receiver: MultifdProcess, output: Path, start: float
+) -> None:
+    """Wait for ``multifd receive``, time the row from ``start`` to its ``completed`` line,
+    note its peak RSS and check that what it wrote equals the image."""
+    result = receiver.wait(setup.timeout)
+    _require_ok("receive", result.returncode, result.stderr)
+    row.seconds = _completed_at(receiver, result.end_time) - start
+    row.receiver_rss = result.max_rss
+    _check_same(setup.image, output / BLOCK_NAME)
 
 
 def _completed_at(receiver: MultifdProcess, exited: float) -> float:

@@ -41,13 +41,11 @@ from throughput import (
     PREALLOC_NOTE,
     Row,
     Setup,
-    _check_same,
-    _completed_at,
     _fmt,
     _rate,
-    _require_ok,
     _run_once,
     _seconds,
+    finish_receive,
     machine,
     parse_size,
     publish,
@@ -73,11 +71,7 @@ def python_to_python(channels: int, pki: Pki | None) -> Callable[[Setup, Row], N
             args = ["--send-worker", str(setup.image), "--channels", str(channels)]
             args += ["--pki", str(pki.folder)] if pki is not None else []
             start = run_send_worker(__file__, args, uri, setup.timeout)
-            result = receiver.wait(setup.timeout)
-            _require_ok("receive", result.returncode, result.stderr)
-            row.seconds = _completed_at(receiver, result.end_time) - start
-            row.receiver_rss = result.max_rss
-            _check_same(setup.image, output / BLOCK_NAME)
+            finish_receive(setup, row, receiver, output, start)
 
     return run
 
