@@ -35,21 +35,17 @@ REPO: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mixed import qemu10_binary  # noqa: E402
-from tests.interop.cli import as_uri  # noqa: E402
-from tests.relay.helpers import Listening  # noqa: E402
 from tests.vm.guest import (  # noqa: E402
-    BOOT_TIMEOUT,
-    MIGRATION_TIMEOUT,
     Guest,
     GuestKernel,
-    Report,
     Settings,
     check_migration,
     migrate,
+    migrate_via_relay,
 )
 from throughput import machine, publish  # noqa: E402
 
-from multifd.migration.relay import OutSettings, relay  # noqa: E402
+from multifd.migration.relay import OutSettings  # noqa: E402
 
 TARGET_MS: Final = 100.0
 SETTINGS: Final = Settings(channels=2)
@@ -71,14 +67,6 @@ class Pair:
         return self.relay_pause_ms - self.direct_pause_ms
 
 
-def guest_kernel() -> GuestKernel:
-    """The test guest, built by ``scripts/guest.sh`` if it is not there yet."""
-    out = REPO / ".cache" / "guest"
-    subprocess.run(["bash", str(REPO / "scripts" / "guest.sh"), str(out)], check=True,
-                   capture_output=True, timeout=600)  # fmt: skip
-    return GuestKernel(out / "vmlinuz", out / "initrd.gz")
-
-
 def one_pair(kernel: GuestKernel, scratch: Path) -> Pair:
     binary = qemu10_binary()
 
@@ -87,23 +75,12 @@ def one_pair(kernel: GuestKernel, scratch: Path) -> Pair:
                      console_log=scratch / f"{name}.console", scratch_parent=scratch)  # fmt: skip
 
     with guest("src") as src, guest("mid", incoming=True) as mid:
-        first = src.wait_for_beat(0, BOOT_TIMEOUT)
-        src.wait_for_checksum(first.n)
+        src.wait_until_booted()
         migrate(src, mid, SETTINGS)
         direct = check_migration(src, mid)
         with guest("dst", incoming=True) as dst:
-            dst.configure_migration(SETTINGS, source=False)
-            out = OutSettings(channels=2)
-            relayed = Listening(
-                relay, "tcp:127.0.0.1:0", dst.listen(), channels=SETTINGS.channels, out=out
-            )
-            address = relayed.start()
-            mid.configure_migration(SETTINGS, source=True)
-            mid.migrate(as_uri(address))
-            mid.wait_for_status("completed", MIGRATION_TIMEOUT)
-            dst.wait_for_status("completed", MIGRATION_TIMEOUT)
-            stats = relayed.result()
-            through: Report = check_migration(mid, dst)
+            stats = migrate_via_relay(mid, dst, SETTINGS, OutSettings(channels=2), SETTINGS)
+            through = check_migration(mid, dst)
     return Pair(
         direct_pause_ms=direct.pause * 1e3,
         relay_pause_ms=through.pause * 1e3,
@@ -167,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=6, help="migration pairs (default 6)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    kernel = guest_kernel()
+    kernel = GuestKernel.build(REPO / ".cache" / "guest")
     pairs = []
     for index in range(args.pairs):
         print(f"  [{index + 1}/{args.pairs}] direct, then through the relay ...", file=sys.stderr)

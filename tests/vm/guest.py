@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from multifd.migration.relay import OutSettings, RelayStats, relay
+from tests.interop.cli import as_uri
 from tests.interop.qemu import QemuError, QemuVm
+from tests.relay.helpers import Listening
 from tests.vm.console import Beat, Checksum, Line, SerialConsole, Transcript, gaps, parse
 
 _T = TypeVar("_T")
@@ -43,6 +47,10 @@ DOWNTIME_LIMIT_MS: Final = 300
 # A boot takes 2-3 s under TCG; this bound allows for a busy host.
 BOOT_TIMEOUT: Final = 30.0
 MIGRATION_TIMEOUT: Final = 30.0
+_REPO: Final = Path(__file__).resolve().parents[2]
+# A first build downloads about 37 MB (package lists and packages); later runs only hash.
+_BUILD_TIMEOUT: Final = 600.0
+LOCAL: Final = "tcp:127.0.0.1:0"  # where a relay or a recorder listens
 # The guest prints a checksum every 10 beats (about 1.2 s): a wait for one is bounded so.
 CHECKSUM_TIMEOUT: Final = 10.0
 
@@ -53,6 +61,22 @@ class GuestKernel:
 
     vmlinuz: Path
     initrd: Path
+
+    @classmethod
+    def build(cls, out: Path, timeout: float = _BUILD_TIMEOUT) -> GuestKernel:
+        """Run ``scripts/guest.sh`` into ``out`` (a no-op once the guest is built there).
+
+        Raises:
+            RuntimeError: the script failed (its stderr says why); OSError or
+                ``subprocess.TimeoutExpired`` if it could not run or took too long.
+        """
+        built = subprocess.run(
+            ["bash", str(_REPO / "scripts" / "guest.sh"), str(out)],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if built.returncode != 0:
+            raise RuntimeError(f"scripts/guest.sh failed: {built.stderr.strip()[-2000:]}")
+        return cls(out / "vmlinuz", out / "initrd.gz")
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +273,15 @@ class Guest(QemuVm):
             raise self._stuck(f"no checksum after beat {after} within {timeout:.1f}s")
         return found
 
+    def wait_until_booted(self) -> Beat:
+        """Wait for the first heartbeat and then a checksum line: the guest's workload runs.
+
+        Returns the first heartbeat (its ``at`` minus ``started_at`` is the boot time).
+        """
+        first = self.wait_for_beat(0, BOOT_TIMEOUT)
+        self.wait_for_checksum(first.n)
+        return first
+
     def configure_migration(self, settings: Settings, *, source: bool) -> None:
         """Multifd capability and parameters; a source also gets bandwidth and downtime."""
         self.configure(
@@ -295,6 +328,36 @@ def migrate(
     elapsed = time.monotonic() - started
     dst.wait_for_status("completed", timeout)
     return Migration(elapsed, done.info)
+
+
+def migrate_via_relay(
+    src: Guest,
+    dst: Guest,
+    source: Settings,
+    out: OutSettings,
+    dest: Settings,
+    *,
+    downtime_limit_ms: int | None = None,
+) -> RelayStats:
+    """Migrate ``src`` into ``dst`` through ``multifd relay`` (on a thread of this process)
+    and wait until both QEMUs completed; returns what the relay did."""
+    dst.configure_migration(dest, source=False)
+    relayed = Listening(
+        relay,
+        LOCAL,
+        dst.listen(),
+        channels=source.channels,
+        compression=source.compression,
+        out=out,
+    )
+    address = relayed.start()
+    src.configure_migration(source, source=True)
+    if downtime_limit_ms is not None:
+        src.set_parameters(downtime_limit=downtime_limit_ms)
+    src.migrate(as_uri(address))
+    src.wait_for_status("completed", MIGRATION_TIMEOUT)
+    dst.wait_for_status("completed", MIGRATION_TIMEOUT)
+    return relayed.result()
 
 
 def check_migration(src: Guest, dst: Guest, timeout: float = CHECKSUM_TIMEOUT) -> Report:

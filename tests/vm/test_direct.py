@@ -42,9 +42,8 @@ def _boot(make_guest: MakeGuest, binary: str) -> tuple[Guest, Guest, float]:
     """Source and destination; the source has booted and printed a checksum line."""
     src = make_guest(binary, name="src")
     dst = make_guest(binary, name="dst", incoming=True)
-    first = src.wait_for_beat(0, BOOT_TIMEOUT)
+    first = src.wait_until_booted()
     assert src.started_at is not None
-    src.wait_for_checksum(first.n)
     return src, dst, first.at - src.started_at
 
 

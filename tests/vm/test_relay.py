@@ -43,17 +43,18 @@ from tests.relay.helpers import Listening
 from tests.vm.conftest import MakeGuest
 from tests.vm.guest import (
     BOOT_TIMEOUT,
+    LOCAL,
     MIGRATION_TIMEOUT,
     Guest,
     Report,
     Settings,
     check_migration,
     migrate,
+    migrate_via_relay,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.vm]
 
-LOCAL: Final = "tcp:127.0.0.1:0"
 # A downtime limit a QEMU 7.2 source meets after one pass over this guest's RAM.
 ONE_PASS_MS: Final = 5000
 
@@ -62,37 +63,8 @@ RecordProperty = Callable[[str, object], None]
 
 def _boot(make_guest: MakeGuest, binary: str, name: str = "src") -> Guest:
     src = make_guest(binary, name=name)
-    first = src.wait_for_beat(0, BOOT_TIMEOUT)
-    src.wait_for_checksum(first.n)
+    src.wait_until_booted()
     return src
-
-
-def _via_relay(
-    src: Guest,
-    dst: Guest,
-    source: Settings,
-    out: OutSettings,
-    dest: Settings,
-    *,
-    downtime_limit_ms: int | None = None,
-) -> RelayStats:
-    dst.configure_migration(dest, source=False)
-    relayed = Listening(
-        relay,
-        LOCAL,
-        dst.listen(),
-        channels=source.channels,
-        compression=source.compression,
-        out=out,
-    )
-    address = relayed.start()
-    src.configure_migration(source, source=True)
-    if downtime_limit_ms is not None:
-        src.set_parameters(downtime_limit=downtime_limit_ms)
-    src.migrate(as_uri(address))
-    src.wait_for_status("completed", MIGRATION_TIMEOUT)
-    dst.wait_for_status("completed", MIGRATION_TIMEOUT)
-    return relayed.result()
 
 
 def _record(report: Report, record_property: RecordProperty, prefix: str = "") -> None:
@@ -166,7 +138,7 @@ def test_a_real_guest_through_the_relay(
     out = hops.out
     dest = Settings(channels=out.channels, compression=out.compression, level=out.level)
     limit = ONE_PASS_MS if hops.source == "7.2" else None
-    stats = _via_relay(src, dst, hops.incoming, out, dest, downtime_limit_ms=limit)
+    stats = migrate_via_relay(src, dst, hops.incoming, out, dest, downtime_limit_ms=limit)
     report = check_migration(src, dst)
     _record(report, record_property)
     print(f"\n{hops.name}: {report.summary()}; relay: {_describe(stats)}")
@@ -189,7 +161,7 @@ def test_pause_through_the_relay_beside_a_direct_migration(
     migrate(src, mid, settings)
     direct = check_migration(src, mid)
     dst = make_guest(qemu10_binary, name="dst", incoming=True)
-    stats = _via_relay(mid, dst, settings, OutSettings(channels=2), settings)
+    stats = migrate_via_relay(mid, dst, settings, OutSettings(channels=2), settings)
     relayed = check_migration(mid, dst)
     _record(direct, record_property, "direct_")
     _record(relayed, record_property, "relay_")
