@@ -1,4 +1,5 @@
-"""Suite-wide fixtures: every test fails if it leaves a thread running."""
+"""Suite-wide fixtures: every test fails if it leaves a thread running; ``zstd_backend``
+runs a test once per way of driving libzstd."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+
+from multifd.compression import zstd
 
 # Threads get this long to finish after a test before they count as leaked; a thread
 # that is still alive then is a bug in the code under test (I6), never a slow machine.
@@ -21,3 +24,19 @@ def no_thread_leak() -> Iterator[None]:
         thread.join(_JOIN_BOUND)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"test leaked threads: {still}"
+
+
+_ZSTD_BACKENDS = [
+    pytest.param(True, id="libzstd", marks=pytest.mark.skipif(
+        not zstd.LIBZSTD_AVAILABLE, reason="zstandard's cffi backend does not import")),
+    pytest.param(False, id="zstandard"),
+]  # fmt: skip
+
+
+@pytest.fixture(params=_ZSTD_BACKENDS)
+def zstd_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """zstd objects made in the test call libzstd directly, or use zstandard's stream
+    objects (the fallback without cffi): both must give the same bytes and errors."""
+    direct: bool = request.param
+    monkeypatch.setattr(zstd, "use_libzstd", direct)
+    return direct

@@ -93,6 +93,7 @@ def test_rounds_arrive_whole_and_in_order(
     run_rounds(channels, transport, detect_zero_pages=detect_zero_pages)
 
 
+@pytest.mark.usefixtures("zstd_backend")
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
 @pytest.mark.parametrize("channels", [1, 4])
 def test_compressed_rounds_arrive_whole_and_in_order(channels: int, compression: str) -> None:

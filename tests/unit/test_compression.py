@@ -37,6 +37,8 @@ TV6_NEXT = bytes.fromhex(
 TV7 = bytes.fromhex("28b52ffd004884000020010102060314002ffc17fedffd6301")
 METHODS = ("zlib", "zstd")
 
+pytestmark = pytest.mark.usefixtures("zstd_backend")
+
 
 def out_pages(count: int) -> list[memoryview]:
     return [memoryview(bytearray(PAGE_SIZE)) for _ in range(count)]
@@ -54,10 +56,14 @@ def make_decompressor(method: str) -> Decompressor:
     return made
 
 
-def roundtrip(decompressor: Decompressor, payload: bytes, count: int) -> list[bytes]:
-    out = out_pages(count)
+def roundtrip(
+    decompressor: Decompressor, payload: bytes, count: int, *, one_run: bool = False
+) -> list[bytes]:
+    """Decompress into ``count`` separate pages, or into one run of ``count`` pages."""
+    out = [memoryview(bytearray(count * PAGE_SIZE))] if one_run else out_pages(count)
     decompressor.decompress_into(payload, out, channel=CHANNEL)
-    return [view.tobytes() for view in out]
+    data = b"".join(view.tobytes() for view in out)
+    return [data[at : at + PAGE_SIZE] for at in range(0, len(data), PAGE_SIZE)]
 
 
 def mixed_pages(rng: random.Random, count: int) -> list[bytes]:
@@ -91,6 +97,15 @@ def test_tv6_decodes_with_one_decompressor_per_channel() -> None:
 
 def test_tv7_decodes() -> None:
     assert roundtrip(make_decompressor("zstd"), TV7, 3) == TV_PAGES
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pages_decode_alike_one_by_one_and_as_one_run(method: str) -> None:
+    pages = mixed_pages(random.Random(4), 7)
+    payload = first_payload(method, pages)
+    by_page, by_run = make_decompressor(method), make_decompressor(method)
+    assert roundtrip(by_page, payload, 7) == pages
+    assert roundtrip(by_run, payload, 7, one_run=True) == pages
 
 
 def test_memoryview_pages_compress_like_bytes() -> None:
@@ -226,38 +241,42 @@ def first_payload(method: str, pages: Sequence[bytes] = TV_PAGES) -> bytes:
     return make_compressor(method).compress(pages)
 
 
+@pytest.mark.parametrize("one_run", [False, True], ids=["pages", "run"])
 @pytest.mark.parametrize("method", METHODS)
-def test_payload_too_short_for_the_pages(method: str) -> None:
+def test_payload_too_short_for_the_pages(method: str, one_run: bool) -> None:
     with pytest.raises(ProtocolError) as info:
-        roundtrip(make_decompressor(method), first_payload(method), 4)
+        roundtrip(make_decompressor(method), first_payload(method), 4, one_run=one_run)
     assert "packet size" in info.value.what
     assert info.value.expected == 4 * PAGE_SIZE
     assert info.value.channel == CHANNEL
 
 
+@pytest.mark.parametrize("one_run", [False, True], ids=["pages", "run"])
 @pytest.mark.parametrize("method", METHODS)
-def test_payload_with_more_pages_than_the_packet(method: str) -> None:
+def test_payload_with_more_pages_than_the_packet(method: str, one_run: bool) -> None:
     with pytest.raises(ProtocolError) as info:
-        roundtrip(make_decompressor(method), first_payload(method), 2)
+        roundtrip(make_decompressor(method), first_payload(method), 2, one_run=one_run)
     assert (info.value.expected, info.value.received) == (
         2 * PAGE_SIZE,
         f"more than {2 * PAGE_SIZE}",
     )
 
 
+@pytest.mark.parametrize("one_run", [False, True], ids=["pages", "run"])
 @pytest.mark.parametrize("method", METHODS)
-def test_truncated_payload(method: str) -> None:
+def test_truncated_payload(method: str, one_run: bool) -> None:
     with pytest.raises(ProtocolError):
-        roundtrip(make_decompressor(method), first_payload(method)[:-6], 3)
+        roundtrip(make_decompressor(method), first_payload(method)[:-6], 3, one_run=one_run)
 
 
+@pytest.mark.parametrize("one_run", [False, True], ids=["pages", "run"])
 @pytest.mark.parametrize("method", METHODS)
-def test_corrupt_payload(method: str) -> None:
+def test_corrupt_payload(method: str, one_run: bool) -> None:
     payload = bytearray(first_payload(method, [random.Random(1).randbytes(PAGE_SIZE)]))
     for at in range(4, len(payload), 7):
         payload[at] ^= 0x5A
     with pytest.raises(ProtocolError) as info:
-        roundtrip(make_decompressor(method), bytes(payload), 1)
+        roundtrip(make_decompressor(method), bytes(payload), 1, one_run=one_run)
     assert info.value.channel == CHANNEL
 
 
@@ -363,14 +382,15 @@ def zstd_rle_bomb(blocks: int) -> bytes:
         ("zlib", lambda: zlib.compress(bytes(64 << 20), 9)[:-4], 64 << 20),
     ],
 )
+@pytest.mark.parametrize("pages", [1, 3])
 def test_decompression_bomb_is_stopped_with_bounded_memory(
-    method: str, bomb: object, claimed: int
+    method: str, bomb: object, claimed: int, pages: int
 ) -> None:
     assert callable(bomb)
     payload = bomb()
     assert len(payload) <= MAX_COMPRESSED_PAYLOAD
     decompressor = make_decompressor(method)
-    out = out_pages(1)
+    out = out_pages(pages)
     tracemalloc.start()
     try:
         with pytest.raises(ProtocolError, match="packet size"):

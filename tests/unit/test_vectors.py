@@ -357,6 +357,7 @@ def test_tv4_is_the_captured_empty_packet() -> None:
     assert data[0x3AC0 : 0x3AC0 + PACKET_HEADER_SIZE] == TV4
 
 
+@pytest.mark.usefixtures("zstd_backend")
 def test_race_in_zstd_run_has_sync_and_method_bits() -> None:
     channel = read_channel(capture("zstd_conn1"), "zstd")
     [(sync, empty)] = race_pairs(channel)
@@ -386,6 +387,7 @@ def test_stale_fields_in_later_sync_packets() -> None:
 # --- compression payloads (TV6, TV7) -----------------------------------------------------
 
 
+@pytest.mark.usefixtures("zstd_backend")
 @pytest.mark.parametrize(("method", "vector"), [("zlib", TV6), ("zstd", TV7)])
 def test_captured_payload_is_the_spec_vector_and_ours(method: str, vector: str) -> None:
     channel = read_channel(capture(f"{method}_conn1"), method)

@@ -2,29 +2,55 @@
 
 Per packet the sender compresses each page with ``ZSTD_e_continue`` and ends with
 ``ZSTD_e_flush``, so each payload holds whole blocks of one endless frame; the first
-payload of a channel starts with the frame header.
+payload of a channel starts with the frame header. The sender uses zstandard's
+compression object.
 
-The receiver uses zstandard's stream writer rather than a decompression object: the writer
-hands output to a sink in bounded chunks, so the sink can stop a payload that inflates
-beyond its packet (a decompression bomb) after at most one chunk, and can copy the output
-straight into the destination pages.
+The receiver calls libzstd's ``ZSTD_decompressStream`` through the cffi binding that the
+zstandard package ships (its ``backend_cffi``), once per packet, into the packet's pages
+when they are one run and otherwise into a scratch buffer that is then copied out run by
+run. One call per packet matters: each call releases the GIL, and a thread that gives it
+up for a few microseconds can wait milliseconds to get it back (one call per run of pages
+was slower than what it replaced). Without cffi the receiver falls back to zstandard's
+stream writer, which hands output in bounded chunks to a sink that copies it into the
+pages (two more copies of every byte).
+
+Either way a payload cannot inflate beyond its packet: output only goes into buffers of
+the packet's size, so a decompression bomb stops at the first byte too many.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
-from typing import IO, Final, cast
+from contextlib import nullcontext
+from types import ModuleType
+from typing import IO, Any, Final, cast
 
 import zstandard
 
-from multifd.compression.base import Poisoned, check_pages
+from multifd.compression.base import Poisoned, check_pages, scatter
 from multifd.errors import ProtocolError
 from multifd.wire.constants import MULTIFD_FLAG_ZSTD, PAGE_SIZE, PAGES_PER_PACKET
+
+_cffi_backend: ModuleType | None
+try:
+    _cffi_backend = importlib.import_module("zstandard.backend_cffi")
+except ImportError:  # cffi missing, or a zstandard built without its cffi backend
+    _cffi_backend = None
 
 METHOD: Final = "zstd"
 MIN_LEVEL: Final = 0  # 0 means libzstd's default level (3), in QEMU and in zstandard
 MAX_LEVEL: Final = 20
 DEFAULT_LEVEL: Final = 1  # multifd-zstd-level default
+
+# zstandard's cffi binding: ``ffi`` and ``lib`` (every ZSTD_* function of its libzstd).
+_FFI: Final[Any] = getattr(_cffi_backend, "ffi", None)
+_LIB: Final[Any] = getattr(_cffi_backend, "lib", None)
+LIBZSTD_AVAILABLE: Final = _FFI is not None and _LIB is not None
+"""Whether libzstd's streaming calls can be used directly (see the module docstring)."""
+
+use_libzstd = LIBZSTD_AVAILABLE
+"""Whether decompressors made from now on use them; the tests clear it to cover the fallback."""
 
 # Output chunk of the stream writer. Larger than a whole packet plus one zstd block, so a
 # packet's output always comes out within one write() call: a chunk that fills up before
@@ -53,10 +79,119 @@ class ZstdCompressor:
         return [part for part in parts if part]
 
 
+class ZstdDecompressor:
+    """Decompression side of one channel (QEMU ``ZSTD_initDStream``)."""
+
+    flag = MULTIFD_FLAG_ZSTD
+
+    def __init__(self) -> None:
+        # owned by the channel's receive thread
+        self._stream: _LibzstdDecompress | _WriterDecompress = (
+            _LibzstdDecompress() if use_libzstd else _WriterDecompress()
+        )
+        self._poisoned = Poisoned(METHOD)
+
+    def decompress_into(
+        self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
+    ) -> None:
+        expected = self._poisoned.start_packet(payload, out, channel=channel)
+        if not expected:
+            return
+        try:
+            written = self._stream.decompress(payload, out, expected)
+        except _PacketOverflowError:
+            raise self._fail("packet size", channel, expected, f"more than {expected}") from None
+        except _CorruptStreamError as exc:
+            raise self._fail("payload", channel, "a zstd stream", str(exc)) from None
+        if written != expected:
+            raise self._fail("packet size", channel, expected, written)
+
+    def _fail(self, what: str, channel: str, expected: object, received: object) -> ProtocolError:
+        return self._poisoned.fail(what, channel=channel, expected=expected, received=received)
+
+
 class _PacketOverflowError(Exception):
-    """Raised by the sink to abort a payload that produces more than its packet holds."""
+    """A payload produces more than its packet holds."""
 
 
+class _CorruptStreamError(Exception):
+    """libzstd refused the payload; the message is its error name."""
+
+
+# -- libzstd's streaming calls ----------------------------------------------------------------
+def _checked(code: int) -> int:
+    """``code`` unless it is one of libzstd's error codes."""
+    if _LIB.ZSTD_isError(code):
+        raise _CorruptStreamError(_FFI.string(_LIB.ZSTD_getErrorName(code)).decode())
+    return code
+
+
+class _LibzstdDecompress:
+    """``ZSTD_decompressStream``, one call per packet (see the module docstring)."""
+
+    def __init__(self) -> None:
+        dctx = _LIB.ZSTD_createDCtx()
+        if dctx == _FFI.NULL:
+            raise MemoryError("ZSTD_createDCtx")
+        self._dctx = _FFI.gc(dctx, _LIB.ZSTD_freeDCtx)
+        self._in_pos = _FFI.new("size_t *")
+        self._out_pos = _FFI.new("size_t *")
+        self._probe = _FFI.new("char[1]")  # where a byte too many would go
+        self._scratch = memoryview(bytearray(PAGES_PER_PACKET * PAGE_SIZE))
+        self._scratch_out = _FFI.from_buffer(self._scratch.obj)
+
+    def decompress(self, payload: bytes | memoryview, out: Sequence[memoryview], total: int) -> int:
+        """Fill ``out`` in turn from ``payload``; the bytes written (``total`` when right)."""
+        run = out[0] if len(out) == 1 else None
+        self._in_pos[0] = 0
+        # The caller's buffers are released on the way out, even on error: a cdata left in
+        # a frame that a traceback keeps can crash the collector when it breaks the cycle
+        # (a memoryview cleared while still exported).
+        with (
+            _FFI.from_buffer(payload) as source,
+            nullcontext(self._scratch_out)
+            if run is None
+            else _FFI.from_buffer(run, require_writable=True) as target,
+        ):
+            filled = self._fill(target, total, source, len(payload))
+            if filled == total:
+                self._drain(source, len(payload))
+        if run is None and filled == total:
+            scatter(self._scratch, out)
+        return filled
+
+    def _drain(self, source: Any, size: int) -> None:
+        """Every page is full: what is left of the payload may still hold block headers,
+        but not one more byte of output."""
+        while True:
+            self._out_pos[0] = 0
+            before = self._in_pos[0]
+            self._step(self._probe, 1, source, size)
+            if self._out_pos[0]:
+                raise _PacketOverflowError
+            if self._in_pos[0] == before:
+                return
+
+    def _fill(self, target: Any, room: int, source: Any, size: int) -> int:
+        """Decompress into ``target`` until it is full or the payload gives no more."""
+        out_pos, in_pos = self._out_pos, self._in_pos
+        out_pos[0] = 0
+        while out_pos[0] < room:
+            before = in_pos[0] + out_pos[0]
+            self._step(target, room, source, size)
+            if in_pos[0] + out_pos[0] == before:
+                break
+        return int(out_pos[0])
+
+    def _step(self, target: Any, room: int, source: Any, size: int) -> None:
+        _checked(
+            _LIB.ZSTD_decompressStream_simpleArgs(
+                self._dctx, target, room, self._out_pos, source, size, self._in_pos
+            )
+        )
+
+
+# -- zstandard's stream objects (the fallback) ---------------------------------------------
 class _PageSink:
     """Receives decompressed chunks and copies them into the current packet's pages.
 
@@ -99,36 +234,21 @@ class _PageSink:
         return len(chunk)
 
 
-class ZstdDecompressor:
-    """Decompression side of one channel (QEMU ``ZSTD_initDStream``)."""
-
-    flag = MULTIFD_FLAG_ZSTD
+class _WriterDecompress:
+    """zstandard's stream writer: output comes to a :class:`_PageSink` in bounded chunks."""
 
     def __init__(self) -> None:
-        # The sink and the writer are owned by the channel's receive thread.
         self._sink = _PageSink()
         self._writer = zstandard.ZstdDecompressor().stream_writer(
             cast(IO[bytes], self._sink), write_size=_WRITE_SIZE, write_return_read=True
         )
-        self._poisoned = Poisoned(METHOD)
 
-    def decompress_into(
-        self, payload: bytes | memoryview, out: Sequence[memoryview], *, channel: str
-    ) -> None:
-        expected = self._poisoned.start_packet(payload, out, channel=channel)
-        if not expected:
-            return
-        self._sink.start(out, expected)
+    def decompress(self, payload: bytes | memoryview, out: Sequence[memoryview], total: int) -> int:
+        self._sink.start(out, total)
         try:
             self._writer.write(payload)
-        except _PacketOverflowError:
-            raise self._fail("packet size", channel, expected, f"more than {expected}") from None
         except zstandard.ZstdError as exc:
-            raise self._fail("payload", channel, "a zstd stream", str(exc)) from None
+            raise _CorruptStreamError(str(exc)) from None
         finally:
             written = self._sink.finish()
-        if written != expected:
-            raise self._fail("packet size", channel, expected, written)
-
-    def _fail(self, what: str, channel: str, expected: object, received: object) -> ProtocolError:
-        return self._poisoned.fail(what, channel=channel, expected=expected, received=received)
+        return written
