@@ -157,10 +157,12 @@ def link(
     compression: str = "none",
     before_start: Callable[[Sender], None] | None = None,
     packets_per_job: int = 4,
+    backpressure: Callable[[], None] | None = None,
 ) -> Iterator[tuple[Sender, Receiver, list[tuple[socket.socket, socket.socket]]]]:
     """A started Sender wired to a Receiver (into ``dst``) whose channels are all accepted.
 
-    ``before_start`` may instrument the sender before its threads exist.
+    ``before_start`` may instrument the sender before its threads exist; ``backpressure``
+    goes to the receiver.
     """
     pairs = make_pairs(channels, transport)
     sender = Sender(
@@ -172,8 +174,9 @@ def link(
         packets_per_job=packets_per_job,
     )
     receiver = Receiver(
-        dst, channels=channels, trace=recorder, io_timeout=TIMEOUT, compression=compression
-    )
+        dst, channels=channels, trace=recorder, io_timeout=TIMEOUT, compression=compression,
+        backpressure=backpressure,
+    )  # fmt: skip
     try:
         if before_start is not None:
             before_start(sender)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Sequence
 from typing import cast
 
@@ -12,7 +13,7 @@ import pytest
 
 from multifd.compression import Compressor, flag_of
 from multifd.engine.send import Sender, job_size
-from multifd.errors import multifd_channel
+from multifd.errors import MigrationFailed, multifd_channel
 from multifd.ram import Ram, RamBlock
 from multifd.wire.constants import MULTIFD_FLAG_SYNC, PAGE_SIZE, PAGES_PER_PACKET
 from tests.engine.helpers import (
@@ -268,6 +269,34 @@ def test_a_channel_holds_one_compressed_payload_at_a_time() -> None:
     assert checkers[0].still_held == [0] * 7  # 8 packets, in jobs of 4
     limit = 8 * PAGES_PER_PACKET * PAGE_SIZE
     assert bytes(dst["a"].view[:limit]) == bytes(src["a"].view[:limit])
+
+
+def test_backpressure_is_asked_after_each_packet_with_pages() -> None:
+    src, dst = make_ram(), make_ram()
+    src["a"].pages[:] = 5
+    asked: list[str] = []
+    with link(dst, 2, backpressure=lambda: asked.append(threading.current_thread().name)) as (
+        sender,
+        receiver,
+        _,
+    ):
+        sender.send_pages(src["a"], np.arange(5 * PAGES_PER_PACKET) * PAGE_SIZE)
+        sender.sync()  # SYNC packets carry no pages: not asked
+        receiver.wait_sync(TIMEOUT)
+    assert len(asked) == 5
+    assert set(asked) <= {"recv-multifd/0", "recv-multifd/1"}
+
+
+def test_backpressure_that_raises_fails_the_channel() -> None:
+    src, dst = make_ram(), make_ram()
+
+    def refuse() -> None:
+        raise MigrationFailed("the forwarder failed")
+
+    with link(dst, 1, backpressure=refuse) as (sender, receiver, _):
+        sender.send_pages(src["a"], np.arange(PAGES_PER_PACKET) * PAGE_SIZE)
+        with pytest.raises(MigrationFailed, match="the forwarder failed"):
+            receiver.wait_sync(TIMEOUT)
 
 
 def test_sync_with_nothing_queued_sends_only_syncs() -> None:

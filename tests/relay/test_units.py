@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from multifd.errors import ConfigError, ProtocolError
+from multifd.errors import ConfigError, MigrationFailed, ProtocolError
 from multifd.migration.relay import _Forwarder
 from multifd.migration.source import Source
 from multifd.ram import Ram, RamBlock
@@ -228,9 +228,12 @@ class TestCatchUp:
         def __init__(self) -> None:
             self.rounds: list[list[int]] = []
             self.gate = threading.Event()  # set: send_pass may return
+            self.failure: OSError | None = None  # raised by send_pass once the gate opens
 
         def send_pass(self, pages: dict[str, npt.NDArray[np.int64]]) -> None:
             assert self.gate.wait(TIMEOUT), "the test never opened the gate"
+            if self.failure is not None:
+                raise self.failure
             self.rounds.append(pages["b"].tolist())
 
         def forward(self, *chunks: bytes) -> None:
@@ -283,3 +286,43 @@ class TestCatchUp:
             source.gate.set()
             forwarder.catch_up(lag=9)
             assert sorted(p for r in source.rounds for p in r) == list(range(10))
+
+    def test_a_channel_within_the_backlog_goes_on(self) -> None:
+        with self.forwarder() as (forwarder, source, block):
+            block.landed(slice(0, 10))
+            opener = threading.Timer(TIMEOUT, source.gate.set)  # only if the wait is wrong
+            opener.start()
+            forwarder.hold_back(10)  # the forwarder is stuck in its round: no wait
+            opener.cancel()
+            opener.join()
+            assert not source.gate.is_set()
+
+    def test_a_channel_beyond_the_backlog_waits_until_half_is_left(self) -> None:
+        with self.forwarder() as (forwarder, source, block):
+            block.landed(slice(0, 10))
+            held = threading.Thread(target=forwarder.hold_back, args=(8,))
+            held.start()
+            held.join(0.2)  # a bounded look: the forwarder is stuck, so it must wait on
+            assert held.is_alive()
+            source.gate.set()  # the round goes: nothing is left to send
+            held.join(TIMEOUT)
+            assert not held.is_alive()
+            assert sorted(p for r in source.rounds for p in r) == list(range(10))
+
+    def test_a_held_channel_hears_that_the_forwarder_failed(self) -> None:
+        block = RamBlock.anonymous("b", 64 * PAGE_SIZE)
+        block.track_changes()
+        source = self.FakeSource()
+        source.failure = OSError("destination gone")
+        failures: list[BaseException] = []
+        forwarder = _Forwarder(cast(Source, source), Ram([block]), failures.append)
+        block.landed(slice(0, 10))
+        forwarder.start()
+        try:
+            source.gate.set()  # the round fails
+            with pytest.raises(MigrationFailed, match="destination gone"):
+                forwarder.hold_back(4)
+        finally:
+            forwarder.abort(RuntimeError("test over"))
+            block.close()
+        assert [str(exc) for exc in failures] == ["destination gone"]

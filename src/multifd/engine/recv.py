@@ -135,7 +135,11 @@ class _RecvChannel:
                 received=f"{got} bytes",
             )
         flags, normal, zero, next_size = unpack_counts(self.header, channel=self.name)
-        size = self._apply(flags, normal, zero, next_size) if normal or zero else 0
+        size = 0
+        if normal or zero:
+            size = self._apply(flags, normal, zero, next_size)
+            if self.owner.backpressure is not None:
+                self.owner.backpressure()
         sync = flags & MULTIFD_FLAG_SYNC
         counters = self.counters
         counters.packets += 1
@@ -328,6 +332,9 @@ class Receiver(Stoppable):
         compression: ``"none"``, ``"zlib"`` or ``"zstd"``; must match the source.
         trace: called with every packet after it was applied.
         io_timeout: seconds a read inside a packet may block before the channel fails.
+        backpressure: called by a channel's thread after each packet with pages, before
+            it reads on; it may block while pages should not come faster (a relay holds
+            its source to its destination's pace), and raising fails the channel.
     """
 
     def __init__(
@@ -339,6 +346,7 @@ class Receiver(Stoppable):
         compression: str = "none",
         trace: TraceHook | None = None,
         io_timeout: float = 30.0,
+        backpressure: Callable[[], None] | None = None,
     ) -> None:
         if not 1 <= channels <= _MAX_CHANNELS:
             raise ConfigError(f"channels must be 1..{_MAX_CHANNELS}, got {channels}")
@@ -352,6 +360,7 @@ class Receiver(Stoppable):
         self.flag = flag_of(compression)  # method bits every packet with pages must carry
         self.trace = trace
         self.io_timeout = io_timeout
+        self.backpressure = backpressure
         self.log = logging.getLogger("multifd.recv")
         # The barrier: guards every channel's state, _channels and _finishing; the loader
         # waits on it for the channels to park, parked threads wait on it for release.

@@ -113,6 +113,7 @@ class Destination:
         self.setup_timeout = setup_timeout
         self.limits = limits or ReceiveLimits()
         self.trace = trace
+        self._backpressure: Callable[[], None] | None = None  # for the receiver (Incoming)
         self.refused: list[ChannelRefused] = []
         self.ram = Ram()
         self._preallocated: tuple[tuple[str, int], ...] | None = None
@@ -157,6 +158,7 @@ class Destination:
                     compression=self.compression,
                     trace=self.trace,
                     io_timeout=self.io_timeout,
+                    backpressure=self._backpressure,
                 )
             self._main = self._accept_channels(listener)
             listener.close()  # every channel is here: later connections are refused

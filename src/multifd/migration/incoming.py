@@ -18,6 +18,7 @@ With ``track_changes`` each block notes the pages whose writes have landed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 from multifd import transport
@@ -65,13 +66,23 @@ class Incoming(Destination):
     Args:
         sink: told about the configuration, markers, the ``ram`` END and the tail.
         track_changes: note the pages written into each block (a relay needs them).
+        backpressure: called by each multifd channel's thread after a packet with pages;
+            may block to hold the source back (see :class:`~multifd.engine.recv.Receiver`).
         **options: passed to :class:`Destination`.
     """
 
-    def __init__(self, sink: StreamSink, *, track_changes: bool, **options: Any) -> None:
+    def __init__(
+        self,
+        sink: StreamSink,
+        *,
+        track_changes: bool,
+        backpressure: Callable[[], None] | None = None,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
         self.sink = sink
         self._track = track_changes
+        self._backpressure = backpressure
         self._decoder = stream.StreamDecoder(
             MAIN,
             max_blocks=self.limits.max_blocks,

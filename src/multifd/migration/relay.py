@@ -9,13 +9,14 @@ channel, the marker the destination expects), while pages go on arriving. A page
 is set after its bytes are in place, so a page taken is read after its last counted
 write; one written again after the take is flagged again and goes in a later round.
 
-The incoming markers set the pace. At each one, while every incoming channel is parked,
-the loader waits until the forwarder has sent everything written so far, unless at most
-16 MiB wait to go: the source sees the relay's end-to-end speed (its convergence estimate
-stays honest), and the backlog never exceeds one incoming round and 16 MiB. At the last
-marker of the ``ram`` END the forwarder stops and the loader sends what is left in the
-outgoing END: the time the relay adds while the source's VM is stopped is that last
-round, not a copy of the whole END section.
+The destination sets the pace. After each incoming packet with pages, a channel's thread
+waits while more than 16 MiB are written and not sent yet (until half as many are), and
+at each incoming marker, while every incoming channel is parked, the loader waits the
+same way for the forwarder: the source sees the relay's end-to-end speed, so its
+estimate of the downtime (when to stop its VM) stays honest, and the backlog when it
+stops stays small. At the last marker of the ``ram`` END the forwarder stops and the
+loader sends what is left in the outgoing END: the time the relay adds while the source's
+VM is stopped is that last round, not a copy of the whole END section.
 
 Only the ``ram`` section is decoded and re-encoded. The configuration record is passed on
 byte for byte and the ``ram`` section keeps the ids the source announced. Whatever follows
@@ -62,20 +63,28 @@ _T = TypeVar("_T")
 
 AS_SOURCE: Final = "as-source"
 OUT_PEERS: Final = (AS_SOURCE, *sorted(PROFILES))
-# A round goes out once this many pages changed, or once the first of them has waited
-# _ROUND_WAIT: fewer, larger rounds cost fewer SYNCs; the wait bounds what is held back.
-_ROUND_PAGES: Final = 256
-_ROUND_WAIT: Final = 0.002
+# A round goes out once this many pages (8 MiB) changed, or once the first of them has
+# waited _ROUND_WAIT. Each round ends with a SYNC on every channel, which parks the
+# destination's channels until its marker: a round of 1400 pages went at half the rate of
+# one of 8192. With 256 pages and 2 ms, a relayed real guest's switchover (QEMU's
+# downtime) took a median 122 ms over 24 pairs; with these, 50.5 ms in the same run
+# (4096 pages and 16 ms measured no better).
+_ROUND_PAGES: Final = 2048
+_ROUND_WAIT: Final = 0.008
 # At most this many pages per round (32 MiB): the switchover waits for the round in
-# progress, so a backlog is sent in slices; each round ends with a SYNC on every channel
-# that parks the destination's channels, so slices should not be small.
+# progress, so a backlog is sent in slices.
 _ROUND_MAX: Final = 8192
 # At an incoming marker the loader waits for the forwarder only if more pages than this
 # (16 MiB) wait to go: the two hops then move pages at once, and the lag stays bounded.
-# With 8 MiB slices and a full wait at every marker the relay added a median 155 ms to
-# a real guest's pause (6 pairs, QEMU 10.0 both ends); with these two, 106 ms over 44 pairs
-# in six runs (run medians 46 to 145 ms). A 64 MiB lag measured the same as 16.
+# (A full wait at every marker, with 8 MiB slices, added a median 155 ms to a real
+# guest's pause; a 64 MiB lag measured the same as 16.)
 _LAG_PAGES: Final = 4096
+# Between markers each incoming channel, after a packet, waits while more than this many
+# pages (16 MiB) wait to go, until half as many do: the source moves pages no faster than
+# the destination takes them, so its estimate of what is left to send (its switchover
+# decision against the downtime limit) counts the relay's hop too, and the backlog when
+# its VM stops stays small.
+_BACKLOG_PAGES: Final = 4096
 # Waits on the forwarder wake up this often to notice that it failed.
 _SLICE: Final = 0.25
 
@@ -226,8 +235,7 @@ class _Forwarder:
         """
         with self._cond:
             self._raise_if_failed()
-            waiting = self._held_pages
-        if lag and waiting + sum(block.pending_changes() for block in self.ram) <= lag:
+        if lag and self._backlog() <= lag:
             return
         with self._cond:
             self._wanted += 1
@@ -236,6 +244,25 @@ class _Forwarder:
             while self._done < wanted:
                 self._raise_if_failed()
                 self._cond.wait(_SLICE)  # notified by every round and by a failure
+
+    def hold_back(self, limit: int) -> None:
+        """Return at once if at most ``limit`` pages wait to be sent, else once at most
+        half as many do, or the forwarder stopped.
+
+        Raises:
+            MigrationFailed: the forwarder failed.
+        """
+        if self._backlog() <= limit:
+            return
+        with self._cond:
+            while not self._stopping and self._backlog() > limit // 2:
+                self._raise_if_failed()
+                self._cond.wait(_SLICE)  # notified by every round and by a failure
+            self._raise_if_failed()
+
+    def _backlog(self) -> int:
+        """Pages written and not sent yet: taken by the thread, or not taken yet."""
+        return self._held_pages + sum(block.pending_changes() for block in self.ram)
 
     def write(self, record: bytes) -> None:
         """Have ``record`` written on the main channel between two rounds."""
@@ -308,6 +335,9 @@ class _Forwarder:
             self.source.send_pass(pages)
             self.rounds += 1
             self.pages += _count(pages)
+            with self._cond:
+                self._held_pages = _count(self._held)
+                self._cond.notify_all()  # a channel held back may go on
             if self._held:
                 return True  # the rest goes next, before the request counts as served
         elif not asked:
@@ -359,12 +389,14 @@ class Relay:
         self.incoming = Incoming(
             self,
             track_changes=True,
+            backpressure=self._hold_back,
             channels=channels,
             compression=compression,
             io_timeout=io_timeout,
             setup_timeout=setup_timeout,
         )
-        # Owned by the thread in run().
+        # Owned by the thread in run(); the incoming channels' threads read _forwarder
+        # (set once, at the first marker) to hold themselves back.
         self._source: Source | None = None
         self._forwarder: _Forwarder | None = None
         self._configuration: bytes | None = None
@@ -440,6 +472,12 @@ class Relay:
             self._complete()  # the last marker: every page of the END is in
             return
         self._outgoing(lambda _: self._require_forwarder().catch_up(_LAG_PAGES))
+
+    def _hold_back(self) -> None:
+        # On a channel's thread: no forwarder yet means no backlog either.
+        forwarder = self._forwarder
+        if forwarder is not None:
+            forwarder.hold_back(_BACKLOG_PAGES)
 
     def ram_end(self) -> None:
         if self._forwarder is None:
