@@ -25,12 +25,14 @@ def _block(zero_every: int, seed: int) -> RamBlock:
 
 
 def _reference(block: RamBlock, offsets: list[int], detect: bool) -> list[tuple[RamPacket, bytes]]:
-    """One packet per 128 offsets the plain way: data pages, then zero pages, each in order."""
+    """The packets the plain way: every data page, then every zero page, each group in its
+    order, cut into packets of 128 (each packet's data pages come before its zero pages)."""
+    zeros = [o for o in offsets if detect and not block.page_view(o).tobytes().strip(b"\0")]
+    data = [o for o in offsets if o not in zeros]
     packets: list[tuple[RamPacket, bytes]] = []
     for first in range(0, len(offsets), PAGES_PER_PACKET):
-        group = offsets[first : first + PAGES_PER_PACKET]
-        zero = [o for o in group if detect and not block.page_view(o).tobytes().strip(b"\0")]
-        normal = [o for o in group if o not in zero]
+        normal = data[first : first + PAGES_PER_PACKET]
+        zero = (data + zeros)[first + len(normal) : first + PAGES_PER_PACKET]
         packet = RamPacket(
             flags=0,
             packet_num=len(packets) + 1,

@@ -329,6 +329,27 @@ def test_zero_pages_are_partitioned_to_the_end_and_zeroed_on_the_destination() -
     assert bytes(dst["a"].view[: 10 * PAGE_SIZE]) == bytes(src["a"].view[: 10 * PAGE_SIZE])
 
 
+def test_pages_with_data_fill_whole_packets_before_the_zero_pages() -> None:
+    # Every other page zero. The first 256 pages are one plan: its 128 pages with data make
+    # the first packet, whole, and its zero pages the second. The last 44 wait for the sync
+    # and go as one packet. Each page goes once, and the data lands in place.
+    src, dst = make_ram(), make_ram()
+    src["a"].pages[1:300:2] = 9
+    dst["a"].pages[:300] = 0xEE
+    recorder = Recorder()
+    with link(dst, 1, recorder=recorder, detect_zero_pages=True) as (sender, receiver, _):
+        sender.send_pages(src["a"], np.arange(300) * PAGE_SIZE)
+        sender.sync()
+        receiver.wait_sync(TIMEOUT)
+    packets = recorder.packets("send", multifd_channel(0))
+    assert [(p.normal_pages, p.zero_pages) for p in packets] == [(128, 0), (0, 128), (22, 22),
+                                                                 (0, 0)]  # fmt: skip
+    assert packets[0].offsets == tuple(p * PAGE_SIZE for p in range(1, 257, 2))
+    sent = [o for p in packets for o in p.offsets]
+    assert sorted(sent) == [p * PAGE_SIZE for p in range(300)]
+    assert bytes(dst["a"].view[: 300 * PAGE_SIZE]) == bytes(src["a"].view[: 300 * PAGE_SIZE])
+
+
 def test_zero_detection_follows_the_offsets_order_not_the_page_order() -> None:
     src, dst = make_ram(), make_ram()
     src["a"].pages[[0, 1, 3]] = 4  # page 2 is zero; offsets below span 0..3 but out of order

@@ -1,12 +1,20 @@
 """Page batches and the packets of many batches planned in one numpy pass.
 
-The requester is handed thousands of page offsets at a time. Splitting them into batches
-of 128 pages, finding the zero pages, ordering each batch (pages whose data travels, then
-zero pages: spec 5.2), encoding the headers and cutting the runs of contiguous pages is
-done here for all of those batches together, so that what is left per packet is a handful
-of attribute assignments on the requester's side and a header stamp plus one ``sendmsg``
-on the channel's side. A plan only prepares bytes: which channel writes a batch, and with
-which ``packet_num``, is decided when the batch is handed over and written.
+The requester is handed thousands of page offsets at a time. Finding the zero pages,
+putting the pages whose data travels first and the zero pages after them, splitting the
+lot into packets of 128 pages, encoding the headers and cutting the runs of contiguous
+pages is done here for all of those packets together, so that what is left per packet is
+a handful of attribute assignments on the requester's side and a header stamp plus one
+``sendmsg`` on the channel's side. A plan only prepares bytes: which channel writes a
+batch, and with which ``packet_num``, is decided when the batch is handed over and written.
+
+The pages with data come first across the whole plan, not packet by packet: packets of
+data pages only, at most one mixed packet, then packets of zero pages only (spec 5.2 asks
+only that each packet list its data pages before its zero pages, and QEMU's receiver
+takes any pages of the block in a packet). In half-zero RAM that halves the packets with
+a payload: half the compressed payloads and their flushes, half the payload reads.
+Interleaved A/B at 1 GiB half zero, 8 pairs: Python -> QEMU 10 zstd 0.405 -> 0.382 s,
+Python -> Python zstd with 1 channel 0.484 -> 0.407 s; the other rows did not move.
 """
 
 from __future__ import annotations
@@ -136,10 +144,9 @@ def _zero_mask(block: RamBlock, offsets: Offsets, steps: Offsets) -> npt.NDArray
 def _zero_pages_last(
     offsets: Offsets, zero: npt.NDArray[np.bool_]
 ) -> tuple[Offsets, npt.NDArray[np.intp]]:
-    """``offsets`` with each packet's zero pages moved after its pages with data (spec 5.2),
-    both kept in their order; and the positions of the pages with data."""
-    packet = np.arange(len(offsets)) // PAGES_PER_PACKET
-    order = np.argsort(packet * 2 + zero, kind="stable")
+    """``offsets`` with the zero pages moved after all the pages with data, both kept in
+    their order; and the positions of the pages with data (the first ones)."""
+    order = np.argsort(zero, kind="stable")
     return offsets[order], np.flatnonzero(~zero[order])
 
 
