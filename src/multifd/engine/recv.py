@@ -65,6 +65,7 @@ from multifd.wire.constants import (
     PACKET_HEADER_SIZE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PAGES_PER_PACKET,
     UUID_SIZE,
 )
 from multifd.wire.packets import (
@@ -105,6 +106,10 @@ class _RecvChannel:
         self.header_view = memoryview(self.header)
         self.offsets = offsets_view(self.header)  # follows every header read into it
         self.payload = memoryview(bytearray(MAX_COMPRESSED_PAYLOAD if self.decompressor else 0))
+        # Scattered pages inflate here in one piece, then go to the block in one scatter.
+        inflated = bytearray(PAGES_PER_PACKET * PAGE_SIZE if self.decompressor else 0)
+        self.inflated = memoryview(inflated)
+        self.inflated_pages = np.frombuffer(inflated, dtype=np.uint8).reshape(-1, PAGE_SIZE)
         self.blocks: dict[bytes, RamBlock] = {}  # raw ramblock field -> block, hits only
         self.counters = Counters(self.name)
         self.counters.bytes = INIT_PACKET_SIZE
@@ -229,8 +234,13 @@ class _RecvChannel:
                 )
             if self.decompressor is None:
                 size = self._read_runs(_runs(block, first, normal, offsets), normal * PAGE_SIZE)
+            elif offsets is None:
+                size = self._read_compressed(_runs(block, first, normal, None), next_size)
             else:
-                size = self._read_compressed(_runs(block, first, normal, offsets), next_size)
+                # Scattered pages (tens of runs in half-zero RAM): one numpy scatter costs
+                # less than a copy per run in Python.
+                size = self._read_compressed([self.inflated[: normal * PAGE_SIZE]], next_size)
+                block.pages[data] = self.inflated_pages[:normal]
             block.landed(data)
         if zero:
             block.write_zero(zeros)
