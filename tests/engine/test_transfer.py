@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -196,6 +197,18 @@ def test_job_sizes(left: int, channels: int, per_job: int, expected: list[int]) 
         sizes.append(job_size(left, channels, per_job))
         left -= sizes[-1]
     assert sizes == expected
+
+
+@pytest.mark.parametrize(("compression", "per_job"), [("none", 4), ("zlib", 16), ("zstd", 16)])
+def test_compressed_packets_go_in_larger_jobs_by_default(compression: str, per_job: int) -> None:
+    a, b = socket.socketpair()
+    try:
+        sender = Sender([a], compression=compression)
+        assert sender.packets_per_job == per_job
+        assert Sender([a], compression=compression, packets_per_job=2).packets_per_job == 2
+    finally:
+        a.close()
+        b.close()
 
 
 @pytest.mark.parametrize("per_job", [1, 3, 4])
