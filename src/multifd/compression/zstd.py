@@ -6,13 +6,13 @@ payload of a channel starts with the frame header. The sender uses zstandard's
 compression object.
 
 The receiver calls libzstd's ``ZSTD_decompressStream`` through the cffi binding that the
-zstandard package ships (its ``backend_cffi``), once per packet, into the packet's pages
-when they are one run and otherwise into a scratch buffer that is then copied out run by
-run. One call per packet matters: each call releases the GIL, and a thread that gives it
-up for a few microseconds can wait milliseconds to get it back (one call per run of pages
-was slower than what it replaced). Without cffi the receiver falls back to zstandard's
-stream writer, which hands output in bounded chunks to a sink that copies it into the
-pages (two more copies of every byte).
+zstandard package ships (its ``backend_cffi``), straight into the output views, one after
+the other. The receive threads always hand one view, so a packet is one call: each call
+releases the GIL, and a thread that gives it up for a few microseconds can wait
+milliseconds to get it back (a call per run of scattered pages was slower than what it
+replaced; scattered pages inflate into a buffer of the channel's, see engine/recv.py).
+Without cffi the receiver falls back to zstandard's stream writer, which hands output in
+bounded chunks to a sink that copies it into the pages (two more copies of every byte).
 
 Either way a payload cannot inflate beyond its packet: output only goes into buffers of
 the packet's size, so a decompression bomb stops at the first byte too many.
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from contextlib import nullcontext
 from types import ModuleType
 from typing import IO, Any, Final, cast
 
 import zstandard
 
-from multifd.compression.base import Poisoned, check_pages, scatter
+from multifd.compression.base import Poisoned, check_pages
 from multifd.errors import ProtocolError
 from multifd.wire.constants import MULTIFD_FLAG_ZSTD, PAGE_SIZE, PAGES_PER_PACKET
 
@@ -127,7 +126,7 @@ def _checked(code: int) -> int:
 
 
 class _LibzstdDecompress:
-    """``ZSTD_decompressStream``, one call per packet (see the module docstring)."""
+    """``ZSTD_decompressStream`` into the output views in turn (see the module docstring)."""
 
     def __init__(self) -> None:
         dctx = _LIB.ZSTD_createDCtx()
@@ -137,28 +136,23 @@ class _LibzstdDecompress:
         self._in_pos = _FFI.new("size_t *")
         self._out_pos = _FFI.new("size_t *")
         self._probe = _FFI.new("char[1]")  # where a byte too many would go
-        self._scratch = memoryview(bytearray(PAGES_PER_PACKET * PAGE_SIZE))
-        self._scratch_out = _FFI.from_buffer(self._scratch.obj)
 
     def decompress(self, payload: bytes | memoryview, out: Sequence[memoryview], total: int) -> int:
         """Fill ``out`` in turn from ``payload``; the bytes written (``total`` when right)."""
-        run = out[0] if len(out) == 1 else None
         self._in_pos[0] = 0
-        # The caller's buffers are released on the way out, even on error: a cdata left in
-        # a frame that a traceback keeps can crash the collector when it breaks the cycle
-        # (a memoryview cleared while still exported).
-        with (
-            _FFI.from_buffer(payload) as source,
-            nullcontext(self._scratch_out)
-            if run is None
-            else _FFI.from_buffer(run, require_writable=True) as target,
-        ):
-            filled = self._fill(target, total, source, len(payload))
-            if filled == total:
-                self._drain(source, len(payload))
-        if run is None and filled == total:
-            scatter(self._scratch, out)
-        return filled
+        written = 0
+        # The buffers are released on the way out, even on error: a cdata left in a frame
+        # that a traceback keeps can crash the collector when it breaks the cycle (a
+        # memoryview cleared while still exported).
+        with _FFI.from_buffer(payload) as source:
+            for run in out:
+                with _FFI.from_buffer(run, require_writable=True) as target:
+                    filled = self._fill(target, run.nbytes, source, len(payload))
+                written += filled
+                if filled < run.nbytes:  # the payload is used up: too short
+                    return written
+            self._drain(source, len(payload))
+        return written
 
     def _drain(self, source: Any, size: int) -> None:
         """Every page is full: what is left of the payload may still hold block headers,
