@@ -269,6 +269,20 @@ class TestCatchUp:
         assert block.take_changes().tolist() == [2, 3, 4, 9]
         assert block.pending_changes() == 0
 
+    def test_pending_changes_count_each_page_once(self) -> None:
+        block = RamBlock.anonymous("b", 16 * PAGE_SIZE)
+        block.track_changes()
+        block.landed(np.array([3, 3, 5], dtype=np.int64))  # a page listed twice
+        block.landed(slice(4, 7))  # 5 again, 4 and 6 new
+        block.write_zero(np.array([6, 7], dtype=np.int64))
+        block.written_page(8)
+        block.write_zero_page(8)
+        assert block.pending_changes() == 6
+        assert block.take_changes().tolist() == [3, 4, 5, 6, 7, 8]
+        assert block.pending_changes() == 0
+        block.landed(slice(0, 2))
+        assert block.pending_changes() == 2
+
     def test_a_backlog_within_the_lag_does_not_wait(self) -> None:
         with self.forwarder() as (forwarder, source, block):
             block.landed(slice(0, 10))
