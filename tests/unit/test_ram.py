@@ -362,3 +362,34 @@ def test_read_ahead_maps_queued_ranges_in_order_and_skips_closed_blocks(
     assert mapped == [("a", 0, 4), ("a", 4, 4)]
     reader.close()  # idempotent
     open_block.close()
+
+
+def _mapped_bytes(block: RamBlock) -> int:
+    """Resident bytes of ``block``'s mapping in this process (its VMA's ``Rss``)."""
+    start = f"{block.pages.ctypes.data:x}-"
+    lines = iter(Path("/proc/self/smaps").read_text().splitlines())
+    for line in lines:
+        if line.startswith(start):
+            for field in lines:
+                if field.startswith("Rss:"):
+                    return int(field.split()[1]) * 1024
+    raise AssertionError("the block's mapping is not in /proc/self/smaps")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_populate_maps_the_range_without_changing_it(tmp_path: Path) -> None:
+    pages = 1024
+    path = tmp_path / "ram.img"
+    content = np.random.default_rng(5).integers(0, 256, pages * PAGE_SIZE, dtype=np.uint8)
+    path.write_bytes(content.tobytes())  # in the page cache now, mapped by nobody
+    block = RamBlock.from_file("f", path)
+    try:
+        assert _mapped_bytes(block) == 0
+        block.populate(256, 512)
+        mapped = _mapped_bytes(block)
+        # One read every _TOUCH_PAGES pages maps at least those pages (fault-around more).
+        assert mapped >= 512 // ram_module._TOUCH_PAGES * PAGE_SIZE
+        assert bytes(block.view) == content.tobytes()
+    finally:
+        block.close()
+    block.populate(0, pages)  # closed meanwhile: a no-op, no error
