@@ -17,7 +17,9 @@ multifd packets' zero list, as QEMU 10 does), or ``qemu-10.0`` towards a QEMU de
 In the same run a worker process measures, best of 3 each: ``numpy.copyto`` of a hot
 1 GiB buffer (memcpy bandwidth) and :func:`multifd.ram.zero_pages` over the image's
 ``RamBlock.words`` (zero-page scan bandwidth), plus the scan of an all-zero block of the
-same size (the worst case: every page read in full).
+same size (the worst case: every page read in full); and zstd compression of the pages
+with data of the image's first 512 MiB, on 1 and on 2 threads, the way send threads
+compress but without sockets (does the GIL serialize compression?).
 
 Targets (issue 4): ours >= 1.0x QEMU->QEMU for each method; scan >= 0.5x memcpy; zstd
 with 2 channels >= 1.5x one channel. Results: results/mixed-<date>.md and .json.
@@ -36,7 +38,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -69,11 +72,15 @@ from throughput import (
 )
 
 import multifd
+from multifd.compression import compressor
+from multifd.engine.batch import Batch, PacketPlan, data_in_one_buffer
 from multifd.ram import RamBlock, zero_pages
+from multifd.wire.constants import PAGES_PER_PACKET
 
 ZSTD_LEVEL: Final = 1  # QEMU's multifd-zstd-level default
 CHUNK: Final = 16 * MIB  # the image is written, and half-zeroed, in slices this large
 MEMCPY_SIZE: Final = 1 << 30
+COMPRESS_SIZE: Final = 512 * MIB  # of the image, compressed by 1 and by 2 threads
 BEST_OF: Final = 3
 SCAN_TARGET: Final = 0.5  # scan bandwidth over memcpy bandwidth
 SPEEDUP_TARGET: Final = 1.5  # zstd 2 ch over 1 ch
@@ -252,7 +259,7 @@ def write_half_zero_image(path: Path, size: int, *, seed: int) -> int:
 
 
 def scan_worker(image: Path) -> None:
-    """``--scan-worker``: print memcpy and zero-scan bandwidths (bytes/s) as JSON.
+    """``--scan-worker``: print memcpy, zero-scan and compression figures as JSON.
 
     A separate process, so its buffers do not raise the benchmark's own peak RSS.
     """
@@ -260,6 +267,7 @@ def scan_worker(image: Path) -> None:
     block = RamBlock.from_file(BLOCK_NAME, image)
     found = int(np.count_nonzero(zero_pages(block.words)))  # also faults the mapping in
     mixed = _best(lambda: zero_pages(block.words))
+    compressed, one, two = _compress_scaling(block)
     block.close()
     empty = mmap.mmap(-1, image.stat().st_size)
     zero_block = RamBlock("zeros", empty)
@@ -272,7 +280,49 @@ def scan_worker(image: Path) -> None:
         "scan_mixed_bytes_per_s": size / mixed,
         "scan_all_zero_bytes_per_s": size / worst,
         "zero_pages_found": found,
+        "compressed_bytes": compressed,
+        "compress_1_thread_s": one,
+        "compress_2_threads_s": two,
     }))  # fmt: skip
+
+
+def _compress_scaling(block: RamBlock) -> tuple[int, float, float]:
+    """Bytes compressed, and the best seconds on 1 and on 2 threads."""
+    packets = _packets(block, min(COMPRESS_SIZE, block.size) // PAGE_SIZE)
+    one = _best(lambda: _compress_all(packets, 1))
+    two = _best(lambda: _compress_all(packets, 2))
+    return sum(batch.normal for batch in packets) * PAGE_SIZE, one, two
+
+
+def _packets(block: RamBlock, pages: int) -> list[Batch]:
+    """The packets a sender makes of the block's first ``pages`` pages (zero pages found)."""
+    packets = []
+    for first in range(0, pages, CHUNK // PAGE_SIZE):
+        offsets = np.arange(first, min(first + CHUNK // PAGE_SIZE, pages)) * PAGE_SIZE
+        plan = PacketPlan(block, offsets, detect_zero_pages=True)
+        for index in range(len(plan)):
+            batch = Batch()
+            plan.fill(batch, index)
+            if batch.normal:
+                packets.append(batch)
+    return packets
+
+
+def _compress_all(packets: Sequence[Batch], threads: int) -> None:
+    """zstd-compress the packets' pages on ``threads`` threads, each with its own stream
+    and its share of the packets, the way send threads do: scattered pages gathered, one
+    library call per packet."""
+
+    def work(share: Sequence[Batch]) -> None:
+        stream = compressor("zstd", ZSTD_LEVEL)
+        assert stream is not None
+        scratch = np.empty((PAGES_PER_PACKET, PAGE_SIZE), dtype=np.uint8)
+        for batch in share:
+            stream.compress_parts(data_in_one_buffer(batch, scratch))
+
+    with ThreadPoolExecutor(threads) as pool:
+        for done in [pool.submit(work, packets[k::threads]) for k in range(threads)]:
+            done.result()
 
 
 def _memcpy_seconds() -> float:
@@ -391,7 +441,19 @@ def scan_lines(scan: dict[str, Any], zeros: int) -> tuple[list[str], list[str]]:
             f"= {worst / memcpy:.2f}x memcpy"
         ),
     ]
+    one, two = scan["compress_1_thread_s"], scan["compress_2_threads_s"]
+    rate = scan["compressed_bytes"] / 1e6
+    lines.append(
+        f"- zstd level {ZSTD_LEVEL} compression alone, as send threads do it (scattered pages "
+        f"gathered, one libzstd call per packet), the pages with data of the image's first "
+        f"{COMPRESS_SIZE / MIB:.0f} MiB, no sockets, best of {BEST_OF}: 1 thread "
+        f"{rate / one:.0f} MB/s, 2 threads {rate / two:.0f} MB/s = {one / two:.2f}x"
+    )
     targets = [
+        (
+            f"| for reference, zstd compression alone, 2 threads / 1 thread (no sockets: "
+            f"does the GIL serialize it?) | {one / two:.2f}x | |"
+        ),
         (
             f"| zero-page scan (50 % zero) / memcpy >= {SCAN_TARGET}x | {mixed / memcpy:.2f}x | "
             f"{_verdict(mixed / memcpy, SCAN_TARGET)} |"
@@ -431,7 +493,7 @@ def report(
         "",
         body,
         "",
-        "## Zero-page scan against memcpy (same run)",
+        "## In one process: zero-page scan against memcpy, zstd on 1 and 2 threads (same run)",
         "",
         *scan_text,
         "",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from multifd.engine.batch import Batch, PacketPlan
+from multifd.engine.batch import Batch, PacketPlan, data_in_one_buffer
 from multifd.ram import RamBlock
 from multifd.wire.constants import PAGE_SIZE, PAGES_PER_PACKET
 from multifd.wire.packets import RamPacket, stamp_header
@@ -109,3 +109,36 @@ def test_a_run_never_crosses_a_packet() -> None:
     batch = Batch()
     plan.fill(batch, 1)
     assert [run.nbytes for run in batch.runs] == [PAGES_PER_PACKET * PAGE_SIZE]
+
+
+@pytest.mark.parametrize("order", ["ascending", "sparse", "shuffled"])
+def test_data_in_one_buffer_is_the_payload_in_one_piece(order: str) -> None:
+    block = _block(zero_every=3, seed=4)
+    rng = np.random.default_rng(11)
+    pages = {
+        "ascending": np.arange(PAGES),
+        "sparse": np.sort(rng.choice(PAGES, size=300, replace=False)),
+        "shuffled": rng.permutation(PAGES),
+    }[order]
+    plan = PacketPlan(block, pages * PAGE_SIZE, detect_zero_pages=True)
+    scratch = np.full((PAGES_PER_PACKET, PAGE_SIZE), 0xEE, dtype=np.uint8)
+    for (_, payload, _), index in zip(_planned(plan), range(len(plan)), strict=True):
+        batch = Batch()
+        plan.fill(batch, index)
+        buffers = data_in_one_buffer(batch, scratch)
+        assert len(buffers) == (1 if batch.normal else 0)
+        assert b"".join(bytes(b) for b in buffers) == payload
+        if len(batch.runs) == 1:
+            assert buffers[0] is batch.runs[0]  # one run goes as it is, not copied
+
+
+def test_data_in_one_buffer_gathers_into_the_scratch_rows() -> None:
+    block = _block(zero_every=0, seed=2)
+    plan = PacketPlan(block, np.array([9, 3, 4, 0]) * PAGE_SIZE, detect_zero_pages=False)
+    batch = Batch()
+    plan.fill(batch, 0)
+    scratch = np.zeros((PAGES_PER_PACKET, PAGE_SIZE), dtype=np.uint8)
+    (buffer,) = data_in_one_buffer(batch, scratch)
+    assert buffer.nbytes == 4 * PAGE_SIZE
+    assert np.array_equal(scratch[:4], block.pages[[9, 3, 4, 0]])
+    assert not scratch[4:].any()  # rows past the packet's pages are left alone

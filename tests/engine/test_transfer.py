@@ -242,13 +242,14 @@ class _RefCheckingCompressor:
 
     def __init__(self, inner: Compressor) -> None:
         self.inner = inner
-        self.previous: list[bytes] = []
+        self.whole_packets = inner.whole_packets
+        self.previous: list[memoryview | bytes] = []
         self.still_held: list[int] = []
 
     def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
         raise AssertionError("the sender writes the parts as they are")
 
-    def compress_parts(self, pages: Sequence[memoryview | bytes]) -> list[bytes]:
+    def compress_parts(self, pages: Sequence[memoryview | bytes]) -> list[memoryview | bytes]:
         if self.previous:
             held = 0
             for part in self.previous:
@@ -256,7 +257,7 @@ class _RefCheckingCompressor:
                 # sender kept the part.
                 held = max(held, sys.getrefcount(part) - 3)
             self.still_held.append(held)
-        self.previous = self.inner.compress_parts(pages)
+        self.previous = list(self.inner.compress_parts(pages))
         return list(self.previous)
 
 

@@ -420,3 +420,25 @@ def test_runs_of_pages_compress_to_the_bytes_of_page_by_page(method: str, level:
     for _ in range(2):  # the second packet continues both streams
         runs = [b"".join(pages[:17]), b"".join(pages[17:18]), b"".join(pages[18:])]
         assert by_run.compress(runs) == by_page.compress(pages)
+
+
+@pytest.mark.skipif(not zstd_module.LIBZSTD_AVAILABLE, reason="needs zstandard's cffi backend")
+@pytest.mark.parametrize("level", [0, 1, 5, 19])
+def test_zstd_payloads_are_the_same_with_libzstd_and_zstandard(
+    level: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender calls libzstd once per buffer into a buffer it reuses; zstandard's object
+    is the fallback. Same stream, same bytes, whatever the buffers and however long."""
+    rng = random.Random(level)
+    made = []
+    for direct in (True, False):
+        monkeypatch.setattr(zstd_module, "use_libzstd", direct)
+        made.append(make_compressor("zstd", level))
+    direct_compressor, fallback = made
+    for count in (1, 7, PAGES_PER_PACKET, 3):  # several packets: one stream continued
+        pages = mixed_pages(rng, count)
+        cut = rng.randrange(1, count + 1)
+        buffers = [b"".join(pages[:cut]), b"".join(pages[cut:])] if cut < count else pages
+        parts = direct_compressor.compress_parts(buffers)
+        assert len(parts) == 1  # one piece: the reused buffer
+        assert bytes(parts[0]) == fallback.compress(buffers)

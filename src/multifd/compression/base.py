@@ -20,9 +20,14 @@ class Compressor(Protocol):
 
     Attributes:
         flag: the method's value in the packet ``flags`` field (``MULTIFD_FLAG_*``).
+        whole_packets: the method makes one library call per buffer, so a sender should
+            hand it a packet's pages as one buffer, gathering scattered pages first (each
+            call leaves and retakes the GIL). False: it feeds the library page by page
+            whatever it is given, and a gather would only add a copy.
     """
 
     flag: int
+    whole_packets: bool
 
     def compress(self, pages: Sequence[memoryview | bytes]) -> bytes:
         """One packet's payload: every page fed in order, the last with a sync flush.
@@ -35,11 +40,12 @@ class Compressor(Protocol):
         """
         ...
 
-    def compress_parts(self, pages: Sequence[memoryview | bytes]) -> list[bytes]:
+    def compress_parts(self, pages: Sequence[memoryview | bytes]) -> Sequence[memoryview | bytes]:
         """:meth:`compress`'s payload as the pieces the library returned, none empty.
 
         A sender hands them to ``sendmsg`` as they are: joining them first would copy the
-        whole payload once more.
+        whole payload once more. A piece may be a view of memory the compressor reuses:
+        it is valid until the compressor's next call.
         """
         ...
 

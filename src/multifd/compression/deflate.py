@@ -24,6 +24,7 @@ class ZlibCompressor:
     """Deflate side of one channel (QEMU ``deflateInit(level)``: zlib wrapper, window 15)."""
 
     flag = MULTIFD_FLAG_ZLIB
+    whole_packets = False  # deflate is fed page by page (see compress_parts)
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self._deflate = zlib.compressobj(level)  # owned by the channel's send thread

@@ -63,6 +63,21 @@ class Batch:
         self.offsets = _NO_PAGES
 
 
+def data_in_one_buffer(batch: Batch, scratch: npt.NDArray[np.uint8]) -> list[memoryview]:
+    """The batch's pages with data as one buffer: its one run as it is, or its runs
+    gathered into ``scratch`` (rows of ``PAGE_SIZE`` bytes, at least ``batch.normal``).
+
+    For a compressor that makes one library call per buffer (``whole_packets``): numpy
+    gathers without the GIL, and each call leaves and retakes it once.
+    """
+    if len(batch.runs) <= 1:
+        return batch.runs
+    assert batch.block is not None, "a batch with runs always names its block"
+    count = batch.normal
+    np.take(batch.block.pages, batch.offsets >> PAGE_SHIFT, axis=0, out=scratch[:count])
+    return [scratch.data.cast("B")[: count * PAGE_SIZE]]
+
+
 class Job:
     """Packets ``[start, stop)`` of one plan: what one hand-over gives a channel.
 
