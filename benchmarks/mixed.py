@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's interpreter::
 
-    .venv/bin/python benchmarks/mixed.py [--size 2G] [--repeat 3] [--rows TEXT ...]
+    .venv/bin/python benchmarks/mixed.py [--size 2G] [--repeat 3] [--rows TEXT ...] [--pin]
 
 The image is 2 GiB where exactly half the pages (chosen at random, per 16 MiB slice) are
 zero and the rest random. Every row moves it with multifd, ``none`` or ``zstd`` (level 1,
@@ -23,6 +23,9 @@ compress but without sockets (does the GIL serialize compression?).
 
 Targets (issue 4): ours >= 1.0x QEMU->QEMU for each method; scan >= 0.5x memcpy; zstd
 with 2 channels >= 1.5x one channel. Results: results/mixed-<date>.md and .json.
+
+``--pin`` runs every source on CPU 0 and every destination on CPU 1 (two one-core machines)
+instead of letting both ends share the machine; results: results/mixed-pinned-<date>.md.
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ SCAN_TARGET: Final = 0.5  # scan bandwidth over memcpy bandwidth
 SPEEDUP_TARGET: Final = 1.5  # zstd 2 ch over 1 ch
 SPEED_TARGET: Final = 1.0  # ours over QEMU->QEMU, same method
 QEMU10: Final = "QEMU 10.0"
+# With --pin, each end of a migration runs on a core of its own (two one-core machines).
+PIN_CPUS: Final = {"source": 0, "destination": 1}
+_pinned: dict[str, int] = {}  # PIN_CPUS with --pin, empty without
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,19 @@ def qemu10_binary() -> str:
     """The QEMU 10 wrapper of ``scripts/qemu10.sh`` (``$QEMU10_PREFIX`` as the tests use)."""
     prefix = Path(os.environ.get("QEMU10_PREFIX") or REPO / ".cache" / "qemu10")
     return str(prefix / "bin" / QEMU_BINARY)
+
+
+def _pin(pid: int, end: str) -> None:
+    """With --pin, bind every thread of process ``pid`` to the core of ``end``.
+
+    Called while the process idles, before the clock starts: the threads it starts later
+    (the migration's) inherit the binding from the thread that starts them.
+    """
+    cpu = _pinned.get(end)
+    if cpu is None:
+        return
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), {cpu})
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -135,6 +154,7 @@ def python_to_python(channels: int, method: str) -> Callable[[Setup, Row], None]
 
     def run(setup: Setup, row: Row) -> None:
         with receiver_process(setup, channels, method) as (receiver, uri, output):
+            _pin(receiver.pid, "destination")
             start = _send(setup, uri, channels, method)
             finish_receive(setup, row, receiver, output, start)
 
@@ -149,6 +169,7 @@ def qemu_to_python(method: str) -> Callable[[Setup, Row], None]:
             receiver_process(setup, 2, method) as (receiver, uri, output),
             _source_vm(setup, method) as source,
         ):
+            _pin(receiver.pid, "destination")
             start = time.time()
             source.migrate(uri)
             finish_receive(setup, row, receiver, output, start)
@@ -210,6 +231,7 @@ def _source_vm(setup: Setup, method: str, channels: int = 2) -> Iterator[QemuVm]
     ) as source:  # fmt: skip
         # QEMU 10 keeps the 128 MiB/s max-bandwidth default: lift it, as throughput.py does.
         source.configure(channels, max_bandwidth=FAST, compression=method, level=_level(method))
+        _pin(source.pid, "source")
         yield source
 
 
@@ -220,13 +242,16 @@ def _destination_vm(setup: Setup, method: str, channels: int = 2) -> Iterator[Qe
         scratch_parent=setup.scratch, timeout=setup.timeout,
     ) as destination:  # fmt: skip
         destination.configure(channels, compression=method)
+        _pin(destination.pid, "destination")
         yield destination
 
 
 def _send(setup: Setup, uri: str, channels: int, method: str, peer: str = "native") -> float:
     """Run ``multifd.send()`` in a started, idle worker process; returns the start time."""
     args = ["--send-worker", str(setup.image), "--channels", str(channels), "--method", method]
-    return run_send_worker(__file__, [*args, "--peer", peer], uri, setup.timeout)
+    return run_send_worker(
+        __file__, [*args, "--peer", peer], uri, setup.timeout, lambda pid: _pin(pid, "source")
+    )
 
 
 def send_worker(image: Path, channels: int, method: str, peer: str) -> None:
@@ -488,6 +513,9 @@ def report(
         "(zero-page-detection=multifd), max-bandwidth lifted; Python sources: native profile"),
         ("- MB/s = RAM size / seconds (10^6 bytes/s), wall clock from source start to "
         "destination completion"),
+        (f"- each end pinned to a core of its own (sources on CPU {PIN_CPUS['source']}, "
+        f"destinations on CPU {PIN_CPUS['destination']}): two one-core machines"
+        if _pinned else "- both ends share all the machine's cores"),
         PREALLOC_NOTE,
         "- seconds = median of the runs (min-max)",
         "",
@@ -521,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rows", nargs="+", metavar="TEXT", help="only the rows whose name contains a TEXT"
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run each end on a core of its own: sources on CPU 0, destinations on CPU 1",
+    )
     parser.add_argument("--send-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scan-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--channels", type=int, default=2, help=argparse.SUPPRESS)
@@ -535,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.size <= 0 or args.size % CHUNK:
         parser.error(f"--size must be a positive multiple of {CHUNK // MIB} MiB")
+    if args.pin:
+        if not set(PIN_CPUS.values()) <= os.sched_getaffinity(0):
+            parser.error(f"--pin needs CPUs {sorted(PIN_CPUS.values())}")
+        _pinned.update(PIN_CPUS)
     if not os.access(qemu10_binary(), os.X_OK):
         parser.error(f"no QEMU 10 at {qemu10_binary()}: run scripts/qemu10.sh")
     shm = Path("/dev/shm")
@@ -552,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [row for row in rows if any(part in row.name for part in args.rows)]
         measure(setup, rows, args.repeat)
     markdown, data = report(rows, size, scan, zeros)
-    publish("mixed", markdown, data, save=not args.no_save)
+    publish("mixed-pinned" if args.pin else "mixed", markdown, data, save=not args.no_save)
     return 0
 
 

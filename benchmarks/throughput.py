@@ -322,9 +322,18 @@ def _send(setup: Setup, uri: str, channels: int, peer: str) -> float:
     return run_send_worker(__file__, args, uri, setup.timeout)
 
 
-def run_send_worker(script: str, args: list[str], uri: str, timeout: float) -> float:
+def run_send_worker(
+    script: str,
+    args: list[str],
+    uri: str,
+    timeout: float,
+    on_ready: Callable[[int], None] | None = None,
+) -> float:
     """Start ``script args`` (a worker that prints ``ready`` and then sends to the URI it
-    reads on stdin), give it ``uri`` and wait for it; returns when the clock started."""
+    reads on stdin), give it ``uri`` and wait for it; returns when the clock started.
+
+    ``on_ready`` gets the worker's pid once it is ready, before the clock starts.
+    """
     worker = subprocess.Popen(
         [sys.executable, script, *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -333,6 +342,8 @@ def run_send_worker(script: str, args: list[str], uri: str, timeout: float) -> f
         assert worker.stdout is not None
         if worker.stdout.readline().strip() != "ready":
             raise RuntimeError(f"send worker did not start: {worker.communicate()[1][-300:]}")
+        if on_ready is not None:
+            on_ready(worker.pid)
         start = time.time()
         _, errors = worker.communicate(uri + "\n", timeout=timeout)
     finally:
