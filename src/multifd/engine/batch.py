@@ -2,10 +2,12 @@
 
 The requester is handed thousands of page offsets at a time. Finding the zero pages,
 putting the pages whose data travels first and the zero pages after them, splitting the
-lot into packets of 128 pages, encoding the headers and cutting the runs of contiguous
+lot into packets of 128 pages, encoding the headers and finding the runs of contiguous
 pages is done here for all of those packets together, so that what is left per packet is
-a handful of attribute assignments on the requester's side and a header stamp plus one
-``sendmsg`` on the channel's side. A plan only prepares bytes: which channel writes a
+cutting its runs' views, a header stamp and one ``sendmsg``, all on the channel's thread
+(:meth:`PacketPlan.fill`). Cutting every view on the requester's side before handing out
+the first job kept the channels waiting: Python -> Python without compression, 1 GiB half
+zero, 6 interleaved runs, 0.264 -> 0.241 s. A plan only prepares bytes: which channel writes a
 batch, and with which ``packet_num``, is decided when the batch is handed over and written.
 
 The pages with data come first across the whole plan, not packet by packet: packets of
@@ -131,17 +133,22 @@ class PacketPlan:
         self._offsets: Final = offsets
         self._normal: Final[list[int]] = normal
         self._zero: Final = [size - n for size, n in zip(sizes, normal, strict=True)]
-        self._runs, self._bounds = _runs(block, offsets, with_data, breaks, count)
+        self._starts, self._sizes, self._bounds = _runs(block, offsets, with_data, breaks, count)
         self._headers = _headers(block.name, offsets, count)
 
     def __len__(self) -> int:
         return len(self._headers)
 
     def fill(self, batch: Batch, index: int) -> None:
-        """Load packet ``index`` of the plan into the requester's ``batch``."""
+        """Load packet ``index`` of the plan into ``batch`` (a channel's, as it writes it)."""
         batch.block = self.block
         batch.header = self._headers[index]
-        batch.runs = self._runs[self._bounds[index] : self._bounds[index + 1]]
+        runs = slice(self._bounds[index], self._bounds[index + 1])
+        view = self.block.view
+        batch.runs = [
+            view[start : start + size]
+            for start, size in zip(self._starts[runs], self._sizes[runs], strict=True)
+        ]
         batch.normal = normal = self._normal[index]
         batch.zero = self._zero[index]
         first = index * PAGES_PER_PACKET
@@ -171,26 +178,22 @@ def _runs(
     with_data: npt.NDArray[np.intp] | None,
     breaks: npt.NDArray[np.bool_],
     count: int,
-) -> tuple[list[memoryview], list[int]]:
-    """Views of the runs of contiguous pages, and where each packet's runs start in them.
+) -> tuple[list[int], list[int], list[int]]:
+    """The runs of contiguous pages, as byte offsets and sizes, and where each packet's runs
+    start in them (a packet's views are cut when it is filled, on its channel's thread).
 
     ``with_data`` are the positions in ``offsets`` of the pages whose data travels (None:
     all of them); ``breaks[i]`` is True where data page ``i + 1`` does not continue the run
     of data page ``i``.
     """
     if with_data is not None and not len(with_data):
-        return [], [0] * (count + 1)
+        return [], [], [0] * (count + 1)
     firsts = np.concatenate(([0], np.flatnonzero(breaks) + 1))  # among the data pages
     pages = np.diff(firsts, append=len(breaks) + 1)
     if with_data is not None:
         firsts = with_data[firsts]  # a run's pages are adjacent in offsets too
     bounds = np.searchsorted(firsts // PAGES_PER_PACKET, np.arange(count + 1)).tolist()
-    view = block.view
-    runs = [
-        view[start : start + size]
-        for start, size in zip(offsets[firsts].tolist(), (pages * PAGE_SIZE).tolist(), strict=True)
-    ]
-    return runs, bounds
+    return offsets[firsts].tolist(), (pages * PAGE_SIZE).tolist(), bounds
 
 
 def _headers(name: str, offsets: Offsets, count: int) -> list[memoryview]:
