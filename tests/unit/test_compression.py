@@ -442,3 +442,18 @@ def test_zstd_payloads_are_the_same_with_libzstd_and_zstandard(
         parts = direct_compressor.compress_parts(buffers)
         assert len(parts) == 1  # one piece: the reused buffer
         assert bytes(parts[0]) == fallback.compress(buffers)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_more_pages_than_a_packet_compress_and_decode(method: str) -> None:
+    """A sender never gives more than 128 pages; other callers may: no fixed-size buffer
+    may make that fail (random pages: libzstd's output is as large as its input)."""
+    rng = random.Random(21)
+    pages = [rng.randbytes(PAGE_SIZE) for _ in range(PAGES_PER_PACKET + 72)]
+    compressor = make_compressor(method)
+    decoder = (
+        zstandard.ZstdDecompressor().decompressobj() if method == "zstd" else zlib.decompressobj()
+    )
+    for batch in (pages, pages[:3]):  # the second payload continues the stream
+        payload = compressor.compress([b"".join(batch)])
+        assert decoder.decompress(payload) == b"".join(batch)

@@ -144,16 +144,22 @@ class _LibzstdCompress:
             raise MemoryError("ZSTD_createCCtx")
         self._cctx = _FFI.gc(cctx, _LIB.ZSTD_freeCCtx)
         _checked(_LIB.ZSTD_CCtx_setParameter(self._cctx, _LIB.ZSTD_c_compressionLevel, level))
-        # A packet's payload never exceeds the bound of its pages plus the flush's block
-        # header (and, in the first one, the frame header).
-        size = _LIB.ZSTD_compressBound(PAGES_PER_PACKET * PAGE_SIZE) + PAGE_SIZE
-        self._memory = _FFI.new("char[]", size)  # owned by cffi: no buffer export to release
-        self._view = memoryview(_FFI.buffer(self._memory))
         self._out = _FFI.new("ZSTD_outBuffer *")
-        self._out.dst, self._out.size = self._memory, size
         self._in = _FFI.new("ZSTD_inBuffer *")
+        self._room_for(PAGES_PER_PACKET * PAGE_SIZE)
+
+    def _room_for(self, size: int) -> None:
+        """An output buffer for ``size`` bytes of input: their bound, plus the flush's block
+        header (and, in a channel's first payload, the frame header)."""
+        room = _LIB.ZSTD_compressBound(size) + PAGE_SIZE
+        self._memory = _FFI.new("char[]", room)  # owned by cffi: no buffer export to release
+        self._view = memoryview(_FFI.buffer(self._memory))
+        self._out.dst, self._out.size = self._memory, room
 
     def compress(self, pages: Sequence[memoryview | bytes]) -> list[memoryview | bytes]:
+        size = sum(memoryview(run).nbytes for run in pages)
+        if _LIB.ZSTD_compressBound(size) + PAGE_SIZE > self._out.size:
+            self._room_for(size)  # more than a packet: only callers other than a sender
         out, source = self._out, self._in
         out.pos = 0
         last = len(pages) - 1
