@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 import multifd
 from multifd.engine.trace import TraceEvent
-from tests.migration.helpers import PAGE, assert_same, make_ram, migrate_locally
+from multifd.migration import destination
+from tests.migration.helpers import PAGE, ReceiverThread, assert_same, make_ram, migrate_locally
 
 SIZES = {"mem": 256 * PAGE, "rom": 37 * PAGE}  # 37: a batch that is not a multiple of 128
 
@@ -77,3 +79,30 @@ def test_markers_follow_one_sync_per_channel(peer: str) -> None:
     expected = 3  # setup, the pass, completion
     assert markers == expected
     assert not syncs, "SYNC packets after the last marker"
+
+
+def test_destination_times_the_migration_from_its_source_arriving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A destination may listen long before its source comes; that wait is not part of the
+    migration's time (nor of its rate). The wait is an hour of a shifted clock here."""
+    shift = [0.0]
+
+    class _Clock:
+        @staticmethod
+        def monotonic() -> float:
+            return time.monotonic() + shift[0]
+
+    monkeypatch.setattr(destination, "time", _Clock)
+    source = make_ram(5, SIZES)
+    receiver = ReceiverThread({"channels": 2, "setup_timeout": 7200.0})
+    address = receiver.start("tcp:127.0.0.1:0")
+    shift[0] = 3600.0  # an hour passes before the source connects
+    multifd.send(address, source, channels=2)
+    result = receiver.result()
+    try:
+        assert result.stats.status is multifd.Status.COMPLETED
+        assert 0 < result.stats.total_time_ms < 600e3  # this run, not the hour before it
+        assert result.stats.setup_time_ms <= result.stats.total_time_ms
+    finally:
+        result.ram.close()

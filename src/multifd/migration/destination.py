@@ -196,6 +196,7 @@ class Destination:
     # -- setup: accept and classify ---------------------------------------------------------
     def _accept_channels(self, listener: transport.Listener) -> socket.socket:
         deadline = time.monotonic() + self.setup_timeout
+        waiting = True  # for the source's first connection
         with Arrivals(
             listener,
             expected=1 + self.channels,
@@ -209,6 +210,10 @@ class Destination:
                     self._setup_timed_out(arrivals)
                 arrivals.wait(min(remaining, _POLL))
                 while not self._all_here(arrivals) and (identified := arrivals.pop()):
+                    if waiting:
+                        # The migration's clock starts when its source shows up: waiting
+                        # for one is not part of it (a rate over the wait means nothing).
+                        self._start, waiting = time.monotonic(), False
                     sock, kind = identified
                     if kind == "main":
                         arrivals.set_main(sock)

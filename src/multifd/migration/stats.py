@@ -65,9 +65,10 @@ class PassStats:
 class MigrationStats:
     """One snapshot of a migration, on either side.
 
-    Times are milliseconds, as in ``query-migrate``. The page and byte totals derive from
-    the per-channel figures: ``duplicate`` counts zero pages (QEMU's name), ``normal``
-    the pages whose data crossed the wire.
+    Times are milliseconds, as in ``query-migrate``; a destination counts them from its
+    source's first connection, not from when it started listening. The page and byte
+    totals derive from the per-channel figures: ``duplicate`` counts zero pages (QEMU's
+    name), ``normal`` the pages whose data crossed the wire.
     """
 
     status: Status
