@@ -133,7 +133,7 @@ class PacketPlan:
         self._offsets: Final = offsets
         self._normal: Final[list[int]] = normal
         self._zero: Final = [size - n for size, n in zip(sizes, normal, strict=True)]
-        self._starts, self._sizes, self._bounds = _runs(block, offsets, with_data, breaks, count)
+        self._starts, self._sizes, self._bounds = _runs(offsets, with_data, breaks, count)
         self._headers = _headers(block.name, offsets, count)
 
     def __len__(self) -> int:
@@ -173,7 +173,6 @@ def _zero_pages_last(
 
 
 def _runs(
-    block: RamBlock,
     offsets: Offsets,
     with_data: npt.NDArray[np.intp] | None,
     breaks: npt.NDArray[np.bool_],
