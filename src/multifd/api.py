@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from multifd import transport
+from multifd.address import parse_address
 from multifd.engine.trace import TraceHook
 from multifd.errors import ChannelRefused, ConfigError
 from multifd.migration.destination import Destination
@@ -148,7 +149,7 @@ def send(
         MigrationFailed: the migration failed; ``__cause__`` is the first error.
         MigrationCancelled: the migration was cancelled (Ctrl-C in the sending thread).
     """
-    target = transport.parse_address(address, tls=tls)
+    target = parse_address(address, tls=tls)
     if tls is not None:  # a ConfigError before anything starts
         tls.server_name(target.host, unix=target.kind == "unix")
         _ = tls.client_context
@@ -248,7 +249,7 @@ def receive(
         limits=limits,
         trace=trace,
     )
-    listen_at = transport.parse_address(address, tls=tls)
+    listen_at = parse_address(address, tls=tls)
     if tls is not None:
         _ = tls.server_context  # a ConfigError before listening
     try:

@@ -1,8 +1,8 @@
-"""Sockets for migration channels: addresses, listen/connect, channel classification, I/O.
+"""Sockets for migration channels: listen/connect, channel classification, I/O.
 
 Every ``OSError`` from the socket layer leaves this module as a ``ChannelError`` naming the
 channel (``raise ... from exc``); a stream that ends too early is a ``ProtocolError``.
-Addresses use QEMU's URI syntax (``tcp:HOST:PORT``, ``tcp:[::1]:PORT``, ``unix:PATH``).
+Channels listen and connect at an :class:`~multifd.address.Address` (QEMU's URI syntax).
 The main channel and every multifd channel connect to the same listening address; the
 destination tells them apart by peeking at their first four bytes (spec section 2).
 Sockets handed out are blocking; :func:`shutdown_quietly` wakes a thread blocked on one.
@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import math
 import os
-import re
 import select
 import socket
 import ssl
@@ -27,16 +25,15 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
 
+from multifd.address import Address
 from multifd.errors import UNCLASSIFIED as _UNCLASSIFIED
 from multifd.errors import ChannelError, ConfigError, ProtocolError
-from multifd.tls import TlsConfig, client_handshake
+from multifd.tls import client_handshake
 from multifd.wire.constants import MULTIFD_MAGIC, QEMU_VM_FILE_MAGIC
 
-Kind = Literal["tcp", "unix"]
 _Socket: TypeAlias = socket.socket  # Listener.socket hides the module inside the class
 _SockAddr: TypeAlias = tuple[Any, ...] | str
 ChannelKind = Literal["main", "multifd"]
@@ -46,121 +43,12 @@ UNCLASSIFIED: Final = _UNCLASSIFIED  # channel name before classify() has seen t
 
 _MAIN_MAGIC: Final = QEMU_VM_FILE_MAGIC.to_bytes(4, "big")  # b"QEVM"
 _MULTIFD_MAGIC: Final = MULTIFD_MAGIC.to_bytes(4, "big")
-# sockaddr_un.sun_path is 108 bytes; QEMU keeps a terminating NUL, so 107 usable bytes.
-_UNIX_PATH_MAX: Final = 107
-_HOSTNAME: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,252})")
-_PORT: Final = re.compile(r"[0-9]{1,5}")
 # sendmsg() fails with EMSGSIZE beyond this many buffers (IOV_MAX on Linux and BSDs).
 _IOV_MAX: Final = 1024
 # classify() re-peeks a partial magic after this back-off, doubling up to the cap: poll()
 # reports a socket holding 1..3 bytes as readable, so there is no event to wait for.
 _PEEK_BACKOFF: Final = 0.0005
 _PEEK_BACKOFF_MAX: Final = 0.01
-
-
-# -- addresses -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Address:
-    """A migration address: ``tcp:HOST:PORT`` or ``unix:PATH``.
-
-    Attributes:
-        kind: ``"tcp"`` or ``"unix"``.
-        host: TCP host: an IPv4 address, a host name or an IPv6 address (without
-            brackets); empty means every interface when listening, loopback when
-            connecting.
-        port: TCP port, 0..65535; 0 asks :func:`listen` to pick a free port.
-        path: filesystem path of a Unix socket.
-        tls: credentials when every channel runs TLS; None for plain sockets.
-    """
-
-    kind: Kind
-    host: str = ""
-    port: int = 0
-    path: str = ""
-    tls: TlsConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind == "tcp":
-            _check_tcp(self.host, self.port, self.path)
-        elif self.kind == "unix":
-            _check_unix(self.host, self.port, self.path)
-        else:
-            raise ConfigError(f"address kind must be 'tcp' or 'unix', got {self.kind!r}")
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp:{host}:{self.port}"
-
-
-def _check_tcp(host: str, port: int, path: str) -> None:
-    if path:
-        raise ConfigError(f"a tcp address has no path, got {path!r}")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
-        raise ConfigError(f"tcp port must be 0..65535, got {port!r}")
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError as exc:
-            raise ConfigError(f"bad IPv6 address {host!r}: {exc}") from exc
-    elif host and not _HOSTNAME.fullmatch(host):
-        raise ConfigError(f"bad host {host!r}: expected an IPv4 address or a host name")
-
-
-def _check_unix(host: str, port: int, path: str) -> None:
-    if host or port:
-        raise ConfigError(f"a unix address has no host or port, got {host!r}, {port!r}")
-    if not path:
-        raise ConfigError("a unix address needs a path: unix:PATH")
-    if "\0" in path:
-        raise ConfigError(f"unix socket path contains a NUL byte: {path!r}")
-    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-        raise ConfigError(f"unix socket path longer than {_UNIX_PATH_MAX} bytes: {path!r}")
-
-
-def parse_address(text: str, *, tls: TlsConfig | None = None) -> Address:
-    """Parse a QEMU migration URI; ``tls`` is attached to the address as it is.
-
-    Accepted forms: ``tcp:HOST:PORT`` (HOST an IPv4 address, a name, ``[IPV6]`` in
-    brackets, or empty for every interface) and ``unix:PATH``.
-
-    Raises:
-        ConfigError: the text is not one of these forms; the message says why.
-    """
-    scheme, sep, rest = text.partition(":")
-    try:
-        if sep and scheme == "unix":
-            return Address("unix", path=rest, tls=tls)
-        if sep and scheme == "tcp":
-            host, port = _split_host_port(rest)
-            return Address("tcp", host=host, port=port, tls=tls)
-    except ConfigError as exc:
-        raise ConfigError(f"bad address {text!r}: {exc}") from exc
-    raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT or unix:PATH")
-
-
-def _split_host_port(rest: str) -> tuple[str, int]:
-    if "," in rest:
-        raise ConfigError("address options (',...') are not supported")
-    if rest.startswith("["):
-        host, bracket, after = rest[1:].partition("]")
-        if not bracket:
-            raise ConfigError("missing ']' after the IPv6 address")
-        if ":" not in host:
-            raise ConfigError("brackets are only for IPv6 addresses")
-        if not after.startswith(":"):
-            raise ConfigError("missing ':PORT' after the IPv6 address")
-        port_text = after[1:]
-    else:
-        host, sep, port_text = rest.rpartition(":")
-        if not sep:
-            raise ConfigError("missing ':PORT'")
-        if ":" in host:
-            raise ConfigError("an IPv6 address must be in brackets: tcp:[::1]:PORT")
-    if not _PORT.fullmatch(port_text):
-        raise ConfigError(f"port must be a decimal number 0..65535, got {port_text!r}")
-    return host, int(port_text)
 
 
 # -- listening -------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Literal
 
-from multifd.transport import parse_address
+from multifd.address import parse_address
 from tests.faults.streams import UNKNOWN, StreamWalker, Unit
 
 Kind = Literal["close", "reset", "stall", "corrupt"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import multifd
+from multifd.address import parse_address
 from multifd.migration.precopy import Hooks, Precopy
-from multifd.transport import parse_address
 from multifd.wire.compat import profile
 from tests.faults.cells import Cell
 from tests.faults.live import CHANNELS, IO_TIMEOUT, LIMITS, DestinationRun, LiveSource, failed

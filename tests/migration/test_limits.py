@@ -14,6 +14,7 @@ import pytest
 
 import multifd
 from multifd import transport
+from multifd.address import parse_address
 from multifd.demo import read_listening_line
 from multifd.engine.trace import TraceEvent
 from multifd.errors import ChannelRefused, ConfigError, MigrationFailed, ProtocolError
@@ -44,7 +45,7 @@ def _prologue(blocks: list[tuple[str, int]], machine: str = "none") -> bytes:
 
 
 def _target(address: str) -> tuple[str, int]:
-    parsed = transport.parse_address(address)
+    parsed = parse_address(address)
     return parsed.host, parsed.port
 
 
@@ -194,7 +195,7 @@ def test_strangers_beyond_max_pending_are_refused_and_the_source_migrates() -> N
 
 def test_a_second_main_channel_is_refused_and_the_first_stays() -> None:
     refused: list[ChannelRefused] = []
-    listen_at = transport.parse_address("tcp:127.0.0.1:0")
+    listen_at = parse_address("tcp:127.0.0.1:0")
     with (
         transport.listen(listen_at) as listener,
         Arrivals(

@@ -170,8 +170,8 @@ def _cancel_at(where: str, migration_cancel: list[object]) -> dict[str, object]:
 
 @pytest.mark.parametrize("where", ["setup", "active", "device"])
 def test_cancel_in_any_state_then_a_second_attempt_succeeds(where: str) -> None:
+    from multifd.address import parse_address
     from multifd.migration.precopy import Precopy
-    from multifd.transport import parse_address
     from multifd.wire.compat import profile
 
     with live_block(rate=2000) as (block, log, writer):

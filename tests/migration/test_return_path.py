@@ -22,10 +22,10 @@ from click.testing import CliRunner
 
 import multifd
 from multifd import api, cli
+from multifd.address import parse_address
 from multifd.engine.recv import Receiver
 from multifd.errors import ChannelError, MigrationCancelled, MigrationFailed, ProtocolError
 from multifd.migration.precopy import Hooks, Precopy, StaticTracker
-from multifd.transport import parse_address
 from multifd.wire import return_path as rp
 from multifd.wire import stream as s
 from multifd.wire.compat import profile

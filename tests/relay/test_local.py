@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 import multifd
+from multifd.address import parse_address
 from multifd.errors import ConfigError, MigrationFailed
 from multifd.migration import relay as relay_module
 from multifd.migration.precopy import Hooks, Limits, TimeoutPolicy
 from multifd.migration.recording import MANIFEST, RecordingError, record, replay
 from multifd.migration.relay import OutSettings, RelayStats, relay
 from multifd.migration.source import RamSection, Source
-from multifd.transport import parse_address
 from multifd.wire import stream
 from multifd.wire.compat import PROFILES
 from multifd.wire.constants import PAGE_SIZE

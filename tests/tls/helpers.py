@@ -8,7 +8,7 @@ import ssl
 import threading
 from pathlib import Path
 
-from multifd.transport import parse_address
+from multifd.address import parse_address
 from multifd.wire import stream
 from multifd.wire.packets import InitPacket
 from tests.migration.helpers import BOUND

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from multifd import transport
+from multifd.address import parse_address
 from multifd.engine.pageio import recv_exact, recv_exact_into
 from multifd.errors import ConfigError
 from multifd.tls import ServerHandshake, TlsConfig, TlsSocket
@@ -43,7 +44,7 @@ def _serve(listener: transport.Listener, context: ssl.SSLContext) -> TlsSocket:
 @pytest.fixture
 def pair(pki: Pki) -> Iterator[Pair]:
     """(client, server): the server's first 4 bytes, ``HEAD``, are waiting to be replayed."""
-    with transport.listen(transport.parse_address("tcp:127.0.0.1:0", tls=pki.dest)) as listener:
+    with transport.listen(parse_address("tcp:127.0.0.1:0", tls=pki.dest)) as listener:
         served: queue.Queue[TlsSocket | BaseException] = queue.Queue()  # the server end
         thread = threading.Thread(
             target=lambda: served.put(_serve(listener, pki.dest.server_context))

@@ -40,6 +40,7 @@ from typing import Final, NoReturn
 from urllib.parse import quote
 
 from multifd import transport
+from multifd.address import Address
 from multifd.engine.recv import Receiver
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import (
@@ -65,7 +66,7 @@ log = logging.getLogger("multifd.destination")
 _RECV_CHUNK: Final = 1 << 20
 _POLL: Final = 0.25  # seconds between liveness checks while a channel is quiet
 
-ListeningHook = Callable[[transport.Address], None]
+ListeningHook = Callable[[Address], None]
 
 
 def block_filename(name: str) -> str:

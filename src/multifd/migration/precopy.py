@@ -44,7 +44,7 @@ from typing import Final, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from multifd import transport
+from multifd.address import Address
 from multifd.engine.trace import TraceHook
 from multifd.errors import (
     ChannelError,
@@ -214,9 +214,7 @@ class Precopy:
     def status(self) -> Status:
         return self._status
 
-    def migrate(
-        self, address: transport.Address, *, connect_timeout: float = 10.0
-    ) -> MigrationStats:
+    def migrate(self, address: Address, *, connect_timeout: float = 10.0) -> MigrationStats:
         """Run the migration to its end; returns the final statistics.
 
         Raises:

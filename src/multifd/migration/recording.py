@@ -32,6 +32,7 @@ from typing import IO, Any, Final, TypeVar
 import numpy as np
 
 from multifd import transport
+from multifd.address import Address, parse_address
 from multifd.errors import ConfigError, MigrationFailed, MultifdError
 from multifd.migration.destination import block_filename
 from multifd.migration.incoming import Incoming
@@ -338,7 +339,7 @@ def record(
         io_timeout=io_timeout,
         setup_timeout=setup_timeout,
     )
-    with transport.listen(transport.parse_address(listen)) as listener:
+    with transport.listen(parse_address(listen)) as listener:
         if on_listening is not None:
             on_listening(str(listener.address))
         return recorder.run(listener)
@@ -500,7 +501,7 @@ def replay(
         ConfigError: another argument is invalid.
         MigrationFailed: the migration failed.
     """
-    address = transport.parse_address(target)
+    address = parse_address(target)
     if peer != AS_SOURCE and peer not in PROFILES:
         raise ConfigError(f"unknown peer {peer!r} (known: {AS_SOURCE}, {', '.join(PROFILES)})")
     with Recording.load(directory) as recording:
@@ -531,9 +532,7 @@ def replay(
         )
 
 
-def _send(
-    source: Source, recording: Recording, address: transport.Address, connect_timeout: float
-) -> None:
+def _send(source: Source, recording: Recording, address: Address, connect_timeout: float) -> None:
     try:
         source.open(address, connect_timeout=connect_timeout)
         source.setup()

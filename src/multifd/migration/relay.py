@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from multifd import transport
+from multifd.address import Address, parse_address
 from multifd.errors import ConfigError, MigrationFailed, MultifdError
 from multifd.migration.incoming import Incoming
 from multifd.migration.source import RamSection, Source
@@ -370,7 +371,7 @@ class Relay:
 
     def __init__(
         self,
-        target: transport.Address,
+        target: Address,
         out: OutSettings,
         *,
         channels: int = 2,
@@ -588,7 +589,7 @@ def relay(
         MigrationFailed: the migration failed on either side (both are torn down).
     """
     worker = Relay(
-        transport.parse_address(target),
+        parse_address(target),
         out or OutSettings(),
         channels=channels,
         compression=compression,
@@ -596,7 +597,7 @@ def relay(
         setup_timeout=setup_timeout,
         connect_timeout=connect_timeout,
     )
-    with transport.listen(transport.parse_address(listen)) as listener:
+    with transport.listen(parse_address(listen)) as listener:
         if on_listening is not None:
             on_listening(str(listener.address))
         return worker.run(listener)

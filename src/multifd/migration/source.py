@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from multifd import transport
+from multifd.address import Address
 from multifd.engine.send import Sender
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import MAIN, ChannelError, MigrationFailed, multifd_channel
@@ -186,7 +187,7 @@ class Source:
         self._sockets: list[socket.socket] = []
 
     # -- connection -------------------------------------------------------------------------
-    def open(self, address: transport.Address, *, connect_timeout: float = 10.0) -> None:
+    def open(self, address: Address, *, connect_timeout: float = 10.0) -> None:
         """Connect the main channel, then the multifd channels, and start the sender."""
         self._start = time.monotonic()
         main_sock = transport.connect(address, timeout=connect_timeout, channel=MAIN)

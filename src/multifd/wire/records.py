@@ -1,6 +1,6 @@
 """Records of QEMU's main migration stream, as the decoder reports them.
 
-One frozen dataclass per record (spec section 7). The decoder in :mod:`multifd.wire.stream`
+One frozen dataclass per record (spec section 7). The decoder in :mod:`multifd.wire.stream_decoder`
 yields them in stream order; ``SectionStart``/``SectionPart``/``SectionEnd``/``SectionFull``
 open a section, the records inside follow, ``SectionFooter`` closes it.
 
@@ -23,6 +23,16 @@ from multifd.errors import ProtocolError
 from multifd.wire.constants import (
     GLOBALSTATE_RUNSTATE_SIZE,
     GLOBALSTATE_SECTION_VERSION,
+    RAM_SAVE_FLAG_COMPRESS_PAGE,
+    RAM_SAVE_FLAG_CONTINUE,
+    RAM_SAVE_FLAG_EOS,
+    RAM_SAVE_FLAG_FULL,
+    RAM_SAVE_FLAG_HOOK,
+    RAM_SAVE_FLAG_MEM_SIZE,
+    RAM_SAVE_FLAG_MULTIFD_FLUSH,
+    RAM_SAVE_FLAG_PAGE,
+    RAM_SAVE_FLAG_XBZRLE,
+    RAM_SAVE_FLAG_ZERO,
     TIMER_SECTION_VERSION,
     TIMER_STATE_SIZE,
 )
@@ -164,6 +174,38 @@ class RamEos:
 @dataclass(frozen=True, slots=True)
 class RamMultifdFlush:
     """``RAM_SAVE_FLAG_MULTIFD_FLUSH``: the per-round sync marker (QEMU 8.1+)."""
+
+
+# Ram flags we refuse, with the feature that would send them.
+UNSUPPORTED_RAM_FLAGS: Final = {
+    RAM_SAVE_FLAG_FULL: "FULL (obsolete since 2009)",
+    RAM_SAVE_FLAG_XBZRLE: "XBZRLE (xbzrle capability)",
+    RAM_SAVE_FLAG_HOOK: "HOOK (RDMA migration)",
+    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE (compress capability)",
+}
+_RAM_FLAG_NAMES: Final = {
+    RAM_SAVE_FLAG_FULL: "FULL",
+    RAM_SAVE_FLAG_ZERO: "ZERO",
+    RAM_SAVE_FLAG_MEM_SIZE: "MEM_SIZE",
+    RAM_SAVE_FLAG_PAGE: "PAGE",
+    RAM_SAVE_FLAG_EOS: "EOS",
+    RAM_SAVE_FLAG_CONTINUE: "CONTINUE",
+    RAM_SAVE_FLAG_XBZRLE: "XBZRLE",
+    RAM_SAVE_FLAG_HOOK: "HOOK",
+    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
+    RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH",
+}
+# What a ram record may be, for error messages.
+RAM_RECORDS: Final = "MEM_SIZE, ZERO, PAGE, EOS or MULTIFD_FLUSH"
+
+
+def ram_flag_names(flags: int) -> str:
+    """``flags`` as ``PAGE|CONTINUE``, unknown bits in hex, for error messages."""
+    names = [name for bit, name in _RAM_FLAG_NAMES.items() if flags & bit]
+    unknown = flags & ~sum(_RAM_FLAG_NAMES)
+    if unknown:
+        names.append(f"{unknown:#x}")
+    return "|".join(names) or "no flag"
 
 
 # --- device sections a -M none machine sends ---------------------------------------------

@@ -46,15 +46,11 @@ from multifd.wire.constants import (
     QEMU_VM_SUBSECTION,
     QEMU_VM_VMDESCRIPTION,
     RAM_FLAGS_MASK,
-    RAM_SAVE_FLAG_COMPRESS_PAGE,
     RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
-    RAM_SAVE_FLAG_FULL,
-    RAM_SAVE_FLAG_HOOK,
     RAM_SAVE_FLAG_MEM_SIZE,
     RAM_SAVE_FLAG_MULTIFD_FLUSH,
     RAM_SAVE_FLAG_PAGE,
-    RAM_SAVE_FLAG_XBZRLE,
     RAM_SAVE_FLAG_ZERO,
     RAM_SECTION_VERSION,
 )
@@ -64,9 +60,11 @@ from multifd.wire.records import (
     DEFAULT_SECTIONS,
     INSTANCE_VERSION,
     RAM_IDSTR,
+    RAM_RECORDS,
     SECTION_ID,
     STREAM_HEADER,
     TYPE_LEN32,
+    UNSUPPORTED_RAM_FLAGS,
     Command,
     Configuration,
     Eof,
@@ -84,6 +82,7 @@ from multifd.wire.records import (
     SectionPart,
     SectionStart,
     VmDescription,
+    ram_flag_names,
 )
 from multifd.wire.return_path import MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING
 
@@ -94,37 +93,8 @@ _COMMAND_LENGTHS: Final = {
     MIG_CMD_PING: 4,  # be32 value
 }
 
-# Ram flags we refuse, with the feature that would send them.
-_UNSUPPORTED_RAM_FLAGS: Final = {
-    RAM_SAVE_FLAG_FULL: "FULL (obsolete since 2009)",
-    RAM_SAVE_FLAG_XBZRLE: "XBZRLE (xbzrle capability)",
-    RAM_SAVE_FLAG_HOOK: "HOOK (RDMA migration)",
-    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE (compress capability)",
-}
-_RAM_FLAG_NAMES: Final = {
-    RAM_SAVE_FLAG_FULL: "FULL",
-    RAM_SAVE_FLAG_ZERO: "ZERO",
-    RAM_SAVE_FLAG_MEM_SIZE: "MEM_SIZE",
-    RAM_SAVE_FLAG_PAGE: "PAGE",
-    RAM_SAVE_FLAG_EOS: "EOS",
-    RAM_SAVE_FLAG_CONTINUE: "CONTINUE",
-    RAM_SAVE_FLAG_XBZRLE: "XBZRLE",
-    RAM_SAVE_FLAG_HOOK: "HOOK",
-    RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
-    RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH",
-}
-_RAM_RECORDS: Final = "MEM_SIZE, ZERO, PAGE, EOS or MULTIFD_FLUSH"
-
 # Compact the input buffer once this many consumed bytes sit at its front.
 _COMPACT_AT: Final = 1 << 16
-
-
-def _flag_names(flags: int) -> str:
-    names = [name for bit, name in _RAM_FLAG_NAMES.items() if flags & bit]
-    unknown = flags & ~sum(_RAM_FLAG_NAMES)
-    if unknown:
-        names.append(f"{unknown:#x}")
-    return "|".join(names) or "no flag"
 
 
 class _State(enum.Enum):
@@ -559,15 +529,15 @@ class StreamDecoder:
             return self._read_mem_size(address)
         if flags in (RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MULTIFD_FLUSH):
             if address:
-                raise self._error_at(f"address of {_flag_names(flags)}", 0, f"{address:#x}")
+                raise self._error_at(f"address of {ram_flag_names(flags)}", 0, f"{address:#x}")
             end = self._pos + ADDRESS_WORD.size
             if flags == RAM_SAVE_FLAG_MULTIFD_FLUSH:
                 return self._commit(end, _State.RAM, RamMultifdFlush())
             return self._commit(end, _State.FOOTER, RamEos())
-        for bit, feature in _UNSUPPORTED_RAM_FLAGS.items():
+        for bit, feature in UNSUPPORTED_RAM_FLAGS.items():
             if flags & bit:
-                raise self._error_at("unsupported ram record", _RAM_RECORDS, feature)
-        raise self._error_at("unknown combination of ram flags", _RAM_RECORDS, _flag_names(flags))
+                raise self._error_at("unsupported ram record", RAM_RECORDS, feature)
+        raise self._error_at("unknown combination of ram flags", RAM_RECORDS, ram_flag_names(flags))
 
     def _read_page(self, offset: int, flags: int) -> Event | None:
         at = self._pos + ADDRESS_WORD.size
@@ -576,7 +546,7 @@ class StreamDecoder:
                 raise self._error_at(
                     "RAM_SAVE_FLAG_CONTINUE without a previous block",
                     "a block name",
-                    _flag_names(flags),
+                    ram_flag_names(flags),
                 )
             block = self._last_block
         else:
