@@ -49,6 +49,8 @@ _IOV_MAX: Final = 1024
 # reports a socket holding 1..3 bytes as readable, so there is no event to wait for.
 _PEEK_BACKOFF: Final = 0.0005
 _PEEK_BACKOFF_MAX: Final = 0.01
+# errno values of a write or read on a connection the peer closed or reset
+_DROPPED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 
 
 # -- listening -------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ class Listener:
             return None  # another thread took it, or the client gave up before we got it
         except OSError as exc:
             raise ChannelError(
-                f"accept on {self.address} failed: {_reason(exc)}", channel=LISTENER
+                f"accept on {self.address} failed: {os_reason(exc)}", channel=LISTENER
             ) from exc
         conn.settimeout(None)
         tune(conn)
@@ -190,7 +192,9 @@ def _bound_socket(
         sock.setblocking(False)  # accept() polls first; see Listener.accept
     except OSError as exc:
         sock.close()
-        raise ChannelError(f"cannot listen on {address}: {_reason(exc)}", channel=LISTENER) from exc
+        raise ChannelError(
+            f"cannot listen on {address}: {os_reason(exc)}", channel=LISTENER
+        ) from exc
     return sock
 
 
@@ -200,7 +204,7 @@ def _remove_stale_socket(address: Address) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise ChannelError(f"cannot inspect {address}: {_reason(exc)}", channel=LISTENER) from exc
+        raise ChannelError(f"cannot inspect {address}: {os_reason(exc)}", channel=LISTENER) from exc
     if not stat.S_ISSOCK(mode):
         raise ConfigError(
             f"{address}: {address.path!r} exists and is not a socket; not replacing it"
@@ -213,7 +217,7 @@ def _remove_stale_socket(address: Address) -> None:
         pass  # removed by someone else meanwhile: just as good
     except OSError as exc:
         raise ChannelError(
-            f"cannot remove stale socket {address.path!r}: {_reason(exc)}", channel=LISTENER
+            f"cannot remove stale socket {address.path!r}: {os_reason(exc)}", channel=LISTENER
         ) from exc
 
 
@@ -321,7 +325,7 @@ def _connect_failure(address: Address, timeout: float, exc: OSError) -> str:
         return f"no connection to {address} within {timeout:g} s"
     if isinstance(exc, FileNotFoundError):
         return f"no socket at {address}"
-    return f"cannot connect to {address}: {_reason(exc)}"
+    return f"cannot connect to {address}: {os_reason(exc)}"
 
 
 def _resolve(
@@ -337,7 +341,7 @@ def _resolve(
         )
     except OSError as exc:
         raise ChannelError(
-            f"cannot resolve host {address.host!r} of {address}: {_reason(exc)}", channel=channel
+            f"cannot resolve host {address.host!r} of {address}: {os_reason(exc)}", channel=channel
         ) from exc
     family, _, _, _, sockaddr = infos[0]
     return family, sockaddr
@@ -418,7 +422,7 @@ def _peek_exactly(sock: socket.socket, size: int, timeout: float) -> bytes:
             continue
         except OSError as exc:
             raise ChannelError(
-                f"cannot read the channel magic: {_reason(exc)}", channel=UNCLASSIFIED
+                f"cannot read the channel magic: {os_reason(exc)}", channel=UNCLASSIFIED
             ) from exc
         if len(head) == size:
             return head
@@ -453,7 +457,7 @@ def send_all(
         write_buffers(sock, pending, total, timeout=timeout)
     except OSError as exc:
         raise ChannelError(
-            f"send of {total} bytes failed: {_reason(exc)}", channel=channel
+            f"send of {total} bytes failed: {os_reason(exc)}", channel=channel
         ) from exc
     return total
 
@@ -532,9 +536,18 @@ def _poll_ms(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
-def _reason(exc: OSError) -> str:
+def os_reason(exc: OSError) -> str:
+    """Why a socket call failed, in the system's words, for an error message.
+
+    A peer that dropped the connection is said to have: on its own, "Broken pipe" leaves a
+    user looking for the fault on the wrong end.
+    """
     if exc.strerror:
-        return exc.strerror
-    if exc.errno is not None:
-        return errno.errorcode.get(exc.errno, str(exc.errno))
-    return str(exc) or type(exc).__name__
+        reason = exc.strerror
+    elif exc.errno is not None:
+        reason = errno.errorcode.get(exc.errno, str(exc.errno))
+    else:
+        reason = str(exc) or type(exc).__name__
+    if exc.errno in _DROPPED:
+        reason += " (the peer closed the connection; its own log says why)"
+    return reason

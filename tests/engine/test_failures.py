@@ -108,6 +108,7 @@ def test_peer_closing_one_channel_fails_the_sender(transport: Transport) -> None
     assert isinstance(cause, ChannelError)
     assert cause.channel == "multifd/1"
     assert isinstance(cause.__cause__, OSError)
+    assert "the peer closed the connection" in str(cause)  # not just "Broken pipe"
     assert sender.failed
     assert sender.error is cause
     assert not engine_threads()

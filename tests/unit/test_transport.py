@@ -418,6 +418,15 @@ def test_send_all_more_buffers_than_iov_max() -> None:
     assert [len(call) for call in fake.calls] == [1024, 1024, 952]
 
 
+def test_send_to_a_closed_peer_says_the_peer_closed_it() -> None:
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    with ours, pytest.raises(ChannelError) as info:
+        transport.send_all(ours, [b"x" * 4096], channel="main")
+    assert info.value.channel == "main"
+    assert "Broken pipe (the peer closed the connection" in str(info.value)
+
+
 def test_send_all_nothing_sends_nothing() -> None:
     fake = TrickleSocket(limit=1)
     assert transport.send_all(cast(socket.socket, fake), [b"", b""], channel="main") == 0

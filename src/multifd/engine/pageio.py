@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from multifd.errors import ChannelError
+from multifd.transport import os_reason
 from multifd.wire.constants import PAGE_SIZE
 
 Offsets = npt.NDArray[np.int64]
@@ -46,8 +47,7 @@ def channel_error(exc: OSError, channel: str, what: str, timeout: float) -> Chan
     """The :class:`ChannelError` naming ``channel`` that stands for a socket error."""
     if isinstance(exc, (TimeoutError, BlockingIOError)):  # BlockingIOError: a kernel timer ran out
         return ChannelError(f"{what} timed out after {timeout:g} s", channel=channel)
-    reason = exc.strerror or type(exc).__name__
-    return ChannelError(f"{what} failed: {reason}", channel=channel)
+    return ChannelError(f"{what} failed: {os_reason(exc)}", channel=channel)
 
 
 @contextmanager
