@@ -49,30 +49,31 @@ from typing import Any, Final
 
 import numpy as np
 
-# Run as a script, this directory is on sys.path (for throughput); the tests' helpers need
-# the repository root too.
+# Run as a script, this directory is on sys.path (for harness and cpu); the tests' helpers
+# need the repository root too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.interop.qemu import BLOCK_NAME, PAGE_SIZE, QEMU_BINARY, QemuVm
-from throughput import (
+from cpu import CPU_NOTE, CpuSpan, cpu_text, report_cpu
+from harness import (
     FAST,
     MIB,
     PREALLOC_NOTE,
     REPO,
     Row,
     Setup,
-    _check_same,
-    _fmt,
-    _rate,
-    _run_once,
-    _seconds,
+    check_same,
     finish_receive,
+    fmt,
     machine,
+    mb_per_s,
     parse_size,
     publish,
     receiver_process,
+    run_once,
     run_send_worker,
+    seconds_text,
 )
+from tests.interop.qemu import BLOCK_NAME, PAGE_SIZE, QEMU_BINARY, QemuVm
 
 import multifd
 from multifd.compression import compressor
@@ -134,17 +135,19 @@ def qemu_to_qemu(method: str, channels: int = 2) -> Callable[[Setup, Row], None]
             _destination_vm(setup, method, channels) as destination,
         ):
             uri = destination.listen()
+            cpu = CpuSpan(source.pid), CpuSpan(destination.pid)
             start = time.time()
             source.migrate(uri)
             done = destination.wait_for_status("completed", setup.timeout)
             row.seconds = (done.event_time or time.time()) - start
             info = source.wait_for_status("completed", setup.timeout).info
+            row.add_cpu(source=cpu[0].stop(), destination=cpu[1].stop())
             ram = info.get("ram", {})
             row.notes.append(
                 f"source total-time {info.get('total-time')} ms, "
                 f"zero pages {ram.get('duplicate')}, normal pages {ram.get('normal')}"
             )
-            _check_same(setup.image, destination.ram_path)
+            check_same(setup.image, destination.ram_path)
 
     return run
 
@@ -155,7 +158,7 @@ def python_to_python(channels: int, method: str) -> Callable[[Setup, Row], None]
     def run(setup: Setup, row: Row) -> None:
         with receiver_process(setup, channels, method) as (receiver, uri, output):
             _pin(receiver.pid, "destination")
-            start = _send(setup, uri, channels, method)
+            start = _send(setup, uri, channels, method, row)
             finish_receive(setup, row, receiver, output, start)
 
     return run
@@ -170,9 +173,12 @@ def qemu_to_python(method: str) -> Callable[[Setup, Row], None]:
             _source_vm(setup, method) as source,
         ):
             _pin(receiver.pid, "destination")
+            cpu = CpuSpan(source.pid)
             start = time.time()
             source.migrate(uri)
             finish_receive(setup, row, receiver, output, start)
+            source.wait_for_status("completed", setup.timeout)
+            row.add_cpu(source=cpu.stop())
 
     return run
 
@@ -184,10 +190,12 @@ def python_to_qemu(method: str) -> Callable[[Setup, Row], None]:
     def run(setup: Setup, row: Row) -> None:
         with _destination_vm(setup, method) as destination:
             uri = destination.listen()
-            start = _send(setup, uri, 2, method, peer="qemu-10.0")
+            cpu = CpuSpan(destination.pid)
+            start = _send(setup, uri, 2, method, row, peer="qemu-10.0")
             done = destination.wait_for_status("completed", setup.timeout)
             row.seconds = (done.event_time or time.time()) - start
-            _check_same(setup.image, destination.ram_path)
+            row.add_cpu(destination=cpu.stop())
+            check_same(setup.image, destination.ram_path)
 
     return run
 
@@ -246,12 +254,15 @@ def _destination_vm(setup: Setup, method: str, channels: int = 2) -> Iterator[Qe
         yield destination
 
 
-def _send(setup: Setup, uri: str, channels: int, method: str, peer: str = "native") -> float:
+def _send(
+    setup: Setup, uri: str, channels: int, method: str, row: Row, *, peer: str = "native"
+) -> float:
     """Run ``multifd.send()`` in a started, idle worker process; returns the start time."""
     args = ["--send-worker", str(setup.image), "--channels", str(channels), "--method", method]
     return run_send_worker(
-        __file__, [*args, "--peer", peer], uri, setup.timeout, lambda pid: _pin(pid, "source")
-    )
+        __file__, [*args, "--peer", peer], uri, setup.timeout,
+        on_ready=lambda pid: _pin(pid, "source"), row=row,
+    )  # fmt: skip
 
 
 def send_worker(image: Path, channels: int, method: str, peer: str) -> None:
@@ -259,7 +270,11 @@ def send_worker(image: Path, channels: int, method: str, peer: str) -> None:
     ram = multifd.Ram([multifd.RamBlock.from_file(BLOCK_NAME, image)])
     print("ready", flush=True)
     uri = sys.stdin.readline().strip()
-    multifd.send(uri, ram, channels=channels, peer=peer, compression=method, level=_level(method))
+    report_cpu(
+        lambda: multifd.send(
+            uri, ram, channels=channels, peer=peer, compression=method, level=_level(method)
+        )
+    )
 
 
 # -- the image and the scan -----------------------------------------------------------------
@@ -386,7 +401,7 @@ def measure(setup: Setup, rows: list[Row], repeat: int) -> None:
         for row in rows:
             if row.error is None:
                 print(f"  [{attempt}/{repeat}] {row.name} ...", file=sys.stderr, flush=True)
-                _run_once(funcs[row.name], setup, row)
+                run_once(funcs[row.name], setup, row)
     for row in rows:
         row.seconds = statistics.median(row.samples) if row.samples and not row.error else None
 
@@ -402,15 +417,18 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]], list[s
     """The rows' markdown table, their JSON records, and the speed target lines."""
     by_name = {row.name: row for row in rows}
     specs = {spec.name: spec for spec in SPECS}
-    refs = {s.method: _rate(size, by_name.get(s.name)) for s in SPECS if s.reference}
+    refs = {s.method: mb_per_s(size, by_name.get(s.name)) for s in SPECS if s.reference}
     lines = [
-        "| Row | MB/s | vs QEMU->QEMU (same method) | seconds | receiver peak RSS | result |",
-        "|---|---:|---:|---:|---:|---|",
+        (
+            "| Row | MB/s | vs QEMU->QEMU (same method) | seconds | CPU-s per GiB: source, "
+            "destination | receiver peak RSS | result |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     records, targets = [], []
     for row in rows:
         spec = specs[row.name]
-        rate, ref = _rate(size, row), refs.get(spec.method)
+        rate, ref = mb_per_s(size, row), refs.get(spec.method)
         ratio = rate / ref if rate and ref else None
         result = f"error: {row.error}" if row.error else ""
         if spec.judged:
@@ -418,25 +436,29 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]], list[s
             result = result or f"speed {verdict}"
             targets.append(
                 f"| {row.name} >= {SPEED_TARGET:.1f}x QEMU->QEMU | "
-                f"{_fmt(ratio, '.2f', 'x')} | {verdict} |"
+                f"{fmt(ratio, '.2f', 'x')} | {verdict} |"
             )
         rss = f"{row.receiver_rss / MIB:.0f} MiB" if row.receiver_rss else ""
+        cpu = cpu_text(row.source_cpu, row.destination_cpu, size)
         lines.append(
-            f"| {row.name} | {_fmt(rate, '.0f')} | {_fmt(ratio, '.2f', 'x')} | "
-            f"{_seconds(row)} | {rss} | {result.replace('|', '/')} |"
+            f"| {row.name} | {fmt(rate, '.0f')} | {fmt(ratio, '.2f', 'x')} | "
+            f"{seconds_text(row)} | {cpu} | {rss} | {result.replace('|', '/')} |"
         )
         records.append(asdict(row) | {"method": spec.method, "mb_per_s": rate, "vs_qemu": ratio})
-    one, two = _rate(size, by_name.get(ZSTD_1CH)), _rate(size, by_name.get(ZSTD_2CH))
+    one, two = mb_per_s(size, by_name.get(ZSTD_1CH)), mb_per_s(size, by_name.get(ZSTD_2CH))
     speedup = two / one if one and two else None
     targets.append(
         f"| zstd 2 ch / 1 ch (Python -> Python) >= {SPEEDUP_TARGET:.1f}x | "
-        f"{_fmt(speedup, '.2f', 'x')} | {_verdict(speedup, SPEEDUP_TARGET)} |"
+        f"{fmt(speedup, '.2f', 'x')} | {_verdict(speedup, SPEEDUP_TARGET)} |"
     )
-    one, two = _rate(size, by_name.get(QEMU_ZSTD_1CH)), _rate(size, by_name.get(QEMU_ZSTD_2CH))
+    one, two = (
+        mb_per_s(size, by_name.get(QEMU_ZSTD_1CH)),
+        mb_per_s(size, by_name.get(QEMU_ZSTD_2CH)),
+    )
     qemu_speedup = two / one if one and two else None
     targets.append(
         f"| for reference, QEMU 10.0 zstd 2 ch / 1 ch (same machine) | "
-        f"{_fmt(qemu_speedup, '.2f', 'x')} | |"
+        f"{fmt(qemu_speedup, '.2f', 'x')} | |"
     )
     return "\n".join(lines), records, targets
 
@@ -518,6 +540,7 @@ def report(
         if _pinned else "- both ends share all the machine's cores"),
         PREALLOC_NOTE,
         "- seconds = median of the runs (min-max)",
+        CPU_NOTE,
         "",
         body,
         "",

@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-# Run as a script, this directory is on sys.path (for mixed and throughput); the tests'
+# Run as a script, this directory is on sys.path (for mixed and harness); the tests'
 # helpers need the repository root.
 REPO: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness import machine, publish  # noqa: E402
 from mixed import qemu10_binary  # noqa: E402
 from tests.vm.guest import (  # noqa: E402
     Guest,
@@ -43,7 +44,6 @@ from tests.vm.guest import (  # noqa: E402
     migrate,
     migrate_via_relay,
 )
-from throughput import machine, publish  # noqa: E402
 
 from multifd.migration.relay import OutSettings  # noqa: E402
 

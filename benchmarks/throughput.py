@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import mmap
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -37,61 +36,43 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-REPO: Final = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Run as a script, this directory is on sys.path (for harness and cpu); the tests' helpers
+# need the repository root too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.interop.cli import (  # noqa: E402 - needs the repository root on sys.path
-    MultifdProcess,
-    as_uri,
-    multifd_command,
-    receive_args,
+from cpu import CPU_NOTE, CpuSpan, cpu_text, report_cpu
+from harness import (
+    FAST,
+    MIB,
+    PREALLOC_NOTE,
+    Row,
+    Setup,
+    check_same,
+    finish_receive,
+    fmt,
+    machine,
+    mb_per_s,
+    parse_size,
+    publish,
+    receiver_process,
+    run_once,
+    run_send_worker,
+    seconds_text,
 )
-from tests.interop.qemu import (  # noqa: E402
-    BLOCK_NAME,
-    QEMU_BINARY,
-    QemuVm,
-    ram_mismatch,
-    write_ram_image,
-)
+from tests.interop.cli import multifd_command
+from tests.interop.qemu import BLOCK_NAME, QemuVm, write_ram_image
 
-import multifd  # noqa: E402 - after the path set-up, like the test helpers below
+import multifd
 
-RESULTS: Final = Path(__file__).resolve().parent / "results"
-MIB: Final = 1 << 20
 QEMU_QEMU: Final = "QEMU 7.2 -> QEMU 7.2, 2 ch"
 RAW: Final = "raw 2-socket copy (limit)"
-# Lifts QEMU 7.2's 128 MiB/s max-bandwidth default on every QEMU source.
-FAST: Final = 10 << 30
 # Rows with our receiver must stay within the RAM size plus this much resident memory.
 RSS_SLACK: Final = 64 * MIB
-
-
-@dataclass
-class Row:
-    """One measured configuration."""
-
-    name: str
-    seconds: float | None = None
-    receiver_rss: int | None = None  # peak RSS of `multifd receive`, bytes
-    target: str = ""
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    samples: list[float] = field(default_factory=list)  # seconds of each run
-
-
-@dataclass(frozen=True)
-class Setup:
-    """What every row needs: the image, its size, a scratch directory, the bounds."""
-
-    image: Path
-    size: int
-    scratch: Path
-    timeout: float
 
 
 # -- rows -----------------------------------------------------------------------------------
@@ -228,13 +209,15 @@ def qemu_to_qemu(setup: Setup, row: Row) -> None:
     with _source_vm(setup) as source, _destination_vm(setup, channels=2) as destination:
         source.configure(2, max_bandwidth=FAST)
         uri = destination.listen()
+        cpu = CpuSpan(source.pid), CpuSpan(destination.pid)
         start = time.time()
         source.migrate(uri)
         done = destination.wait_for_status("completed", setup.timeout)
         row.seconds = (done.event_time or time.time()) - start
         total = source.wait_for_status("completed", setup.timeout).info.get("total-time")
+        row.add_cpu(source=cpu[0].stop(), destination=cpu[1].stop())
         row.notes.append(f"source total-time {total} ms")
-        _check_same(setup.image, destination.ram_path)
+        check_same(setup.image, destination.ram_path)
 
 
 def python_to_python(channels: int) -> Callable[[Setup, Row], None]:
@@ -242,7 +225,7 @@ def python_to_python(channels: int) -> Callable[[Setup, Row], None]:
 
     def run(setup: Setup, row: Row) -> None:
         with receiver_process(setup, channels) as (receiver, uri, output):
-            start = _send(setup, uri, channels, "native")
+            start = _send(setup, uri, channels, "native", row)
             finish_receive(setup, row, receiver, output, start)
 
     return run
@@ -252,19 +235,24 @@ def qemu_to_python(setup: Setup, row: Row) -> None:
     """QEMU source into `multifd receive`, 2 channels."""
     with receiver_process(setup, 2) as (receiver, uri, output), _source_vm(setup) as source:
         source.configure(2, max_bandwidth=FAST)
+        cpu = CpuSpan(source.pid)
         start = time.time()
         source.migrate(uri)
         finish_receive(setup, row, receiver, output, start)
+        source.wait_for_status("completed", setup.timeout)
+        row.add_cpu(source=cpu.stop())
 
 
 def python_to_qemu(setup: Setup, row: Row) -> None:
     """`multifd.send(peer="qemu-7.2")` into a pre-allocated QEMU destination, 2 channels."""
     with _destination_vm(setup, channels=2) as destination:
         uri = destination.listen()
-        start = _send(setup, uri, 2, "qemu-7.2")
+        cpu = CpuSpan(destination.pid)
+        start = _send(setup, uri, 2, "qemu-7.2", row)
         done = destination.wait_for_status("completed", setup.timeout)
         row.seconds = (done.event_time or time.time()) - start
-        _check_same(setup.image, destination.ram_path)
+        row.add_cpu(destination=cpu.stop())
+        check_same(setup.image, destination.ram_path)
 
 
 # -- row plumbing ---------------------------------------------------------------------------
@@ -285,33 +273,7 @@ def _destination_vm(setup: Setup, *, channels: int) -> Iterator[QemuVm]:
         yield destination
 
 
-@contextlib.contextmanager
-def receiver_process(
-    setup: Setup, channels: int, compression: str = "none", extra_args: Sequence[str] = ()
-) -> Iterator[tuple[MultifdProcess, str, Path]]:
-    """A pre-allocated ``multifd receive`` listening on a free port, and its output folder.
-
-    ``extra_args`` go on its command line after the usual ones (TLS options, say).
-    """
-    output = Path(tempfile.mkdtemp(prefix="received-", dir=setup.scratch))
-    try:
-        args = receive_args(
-            "tcp:127.0.0.1:0",
-            channels=channels,
-            output=output,
-            json_out=False,
-            prealloc={BLOCK_NAME: setup.size},
-            compression=compression,
-        )
-        with MultifdProcess([*args, *extra_args], timeout=setup.timeout) as receiver:
-            yield receiver, as_uri(receiver.listening_address(setup.timeout)), output
-    finally:
-        for leftover in output.iterdir():
-            leftover.unlink()
-        output.rmdir()
-
-
-def _send(setup: Setup, uri: str, channels: int, peer: str) -> float:
+def _send(setup: Setup, uri: str, channels: int, peer: str, row: Row) -> float:
     """Run ``multifd.send()`` in a started, idle worker process; returns the start time.
 
     The worker imports the package and maps the image before the clock starts, as a QEMU
@@ -319,40 +281,7 @@ def _send(setup: Setup, uri: str, channels: int, peer: str) -> float:
     memory nor its threads mix with the benchmark's.
     """
     args = ["--send-worker", str(setup.image), "--channels", str(channels), "--peer", peer]
-    return run_send_worker(__file__, args, uri, setup.timeout)
-
-
-def run_send_worker(
-    script: str,
-    args: list[str],
-    uri: str,
-    timeout: float,
-    on_ready: Callable[[int], None] | None = None,
-) -> float:
-    """Start ``script args`` (a worker that prints ``ready`` and then sends to the URI it
-    reads on stdin), give it ``uri`` and wait for it; returns when the clock started.
-
-    ``on_ready`` gets the worker's pid once it is ready, before the clock starts.
-    """
-    worker = subprocess.Popen(
-        [sys.executable, script, *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert worker.stdout is not None
-        if worker.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"send worker did not start: {worker.communicate()[1][-300:]}")
-        if on_ready is not None:
-            on_ready(worker.pid)
-        start = time.time()
-        _, errors = worker.communicate(uri + "\n", timeout=timeout)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.communicate()
-    if worker.returncode != 0:
-        raise RuntimeError(f"multifd.send() failed: {errors.strip()[-300:]}")
-    return start
+    return run_send_worker(__file__, args, uri, setup.timeout, row=row)
 
 
 def send_worker(image: Path, channels: int, peer: str) -> None:
@@ -360,36 +289,7 @@ def send_worker(image: Path, channels: int, peer: str) -> None:
     ram = multifd.Ram([multifd.RamBlock.from_file(BLOCK_NAME, image)])
     print("ready", flush=True)
     uri = sys.stdin.readline().strip()
-    multifd.send(uri, ram, channels=channels, peer=peer)
-
-
-def finish_receive(
-    setup: Setup, row: Row, receiver: MultifdProcess, output: Path, start: float
-) -> None:
-    """Wait for ``multifd receive``, time the row from ``start`` to its ``completed`` line,
-    note its peak RSS and check that what it wrote equals the image."""
-    result = receiver.wait(setup.timeout)
-    _require_ok("receive", result.returncode, result.stderr)
-    row.seconds = _completed_at(receiver, result.end_time) - start
-    row.receiver_rss = result.max_rss
-    _check_same(setup.image, output / BLOCK_NAME)
-
-
-def _completed_at(receiver: MultifdProcess, exited: float) -> float:
-    """When ``multifd receive`` printed its ``completed`` line (its exit if it did not)."""
-    return receiver.line_time("completed") or exited
-
-
-def _require_ok(what: str, returncode: int, stderr: str) -> None:
-    if returncode != 0:
-        last = stderr.strip().splitlines()[-1:] or ["(no stderr)"]
-        raise RuntimeError(f"multifd {what} exited {returncode}: {last[0]}")
-
-
-def _check_same(expected: Path, actual: Path) -> None:
-    problem = ram_mismatch(expected, actual)
-    if problem is not None:
-        raise RuntimeError(f"destination differs: {problem}")
+    report_cpu(lambda: multifd.send(uri, ram, channels=channels, peer=peer))
 
 
 ROWS: Final[list[tuple[str, Callable[[Setup, Row], None], str]]] = [
@@ -420,30 +320,12 @@ def measure(setup: Setup, rows: list[Row], repeat: int) -> None:
         for row in rows:
             if row.error is None:
                 print(f"  [{attempt}/{repeat}] {row.name} ...", file=sys.stderr, flush=True)
-                _run_once(funcs[row.name], setup, row)
+                run_once(funcs[row.name], setup, row)
     for row in rows:
         row.seconds = statistics.median(row.samples) if row.samples and not row.error else None
 
 
-def _run_once(func: Callable[[Setup, Row], None], setup: Setup, row: Row) -> None:
-    trial = Row(row.name)
-    try:
-        func(setup, trial)
-    except Exception as exc:  # noqa: BLE001 - a row's failure is a result, not a crash
-        row.error = f"{type(exc).__name__}: {exc}"[:300]
-        return
-    assert trial.seconds is not None
-    row.samples.append(trial.seconds)
-    row.notes = trial.notes
-    if trial.receiver_rss is not None:
-        row.receiver_rss = max(row.receiver_rss or 0, trial.receiver_rss)
-
-
 # -- report ---------------------------------------------------------------------------------
-def _rate(size: int, row: Row | None) -> float | None:
-    if row is None or row.seconds is None or row.error or row.seconds <= 0:
-        return None
-    return size / row.seconds / 1e6
 
 
 def _verdicts(row: Row, size: int, ratio_qemu: float | None) -> list[str]:
@@ -460,55 +342,30 @@ def _verdicts(row: Row, size: int, ratio_qemu: float | None) -> list[str]:
 def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]]]:
     """The markdown table and the same data as JSON-ready dicts."""
     by_name = {row.name: row for row in rows}
-    qemu, raw = _rate(size, by_name.get(QEMU_QEMU)), _rate(size, by_name.get(RAW))
-    head = "| Row | MB/s | vs QEMU->QEMU | vs raw | seconds | receiver peak RSS | target | result |"
-    lines = [head, "|---|---:|---:|---:|---:|---:|---|---|"]
+    qemu, raw = mb_per_s(size, by_name.get(QEMU_QEMU)), mb_per_s(size, by_name.get(RAW))
+    head = (
+        "| Row | MB/s | vs QEMU->QEMU | vs raw | seconds | CPU-s per GiB: source, destination "
+        "| receiver peak RSS | target | result |"
+    )
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---|---|"]
     records = []
     for row in rows:
-        rate = _rate(size, row)
+        rate = mb_per_s(size, row)
         vs_qemu = rate / qemu if rate and qemu else None
         vs_raw = rate / raw if rate and raw else None
         rss = f"{row.receiver_rss / MIB:.0f} MiB" if row.receiver_rss else ""
         if row.receiver_rss:
             rss += f" (limit {(size + RSS_SLACK) / MIB:.0f})"
         result = f"error: {row.error}" if row.error else ", ".join(_verdicts(row, size, vs_qemu))
+        cpu = cpu_text(row.source_cpu, row.destination_cpu, size)
         lines.append(
-            f"| {row.name} | {_fmt(rate, '.0f')} | {_fmt(vs_qemu, '.2f', 'x')} | "
-            f"{_fmt(vs_raw, '.2f', 'x')} | {_seconds(row)} | {rss} | {row.target} "
+            f"| {row.name} | {fmt(rate, '.0f')} | {fmt(vs_qemu, '.2f', 'x')} | "
+            f"{fmt(vs_raw, '.2f', 'x')} | {seconds_text(row)} | {cpu} | {rss} "
+            f"| {row.target} "
             f"| {result.replace('|', '/')} |"
         )
         records.append(asdict(row) | {"mb_per_s": rate, "vs_qemu": vs_qemu, "vs_raw": vs_raw})
     return "\n".join(lines), records
-
-
-def _seconds(row: Row) -> str:
-    if row.seconds is None:
-        return ""
-    if len(row.samples) < 2:
-        return f"{row.seconds:.3f}"
-    return f"{row.seconds:.3f} ({min(row.samples):.2f}-{max(row.samples):.2f})"
-
-
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    return "" if value is None else f"{value:{spec}}{suffix}"
-
-
-def machine() -> dict[str, str]:
-    """What the numbers depend on."""
-    qemu = subprocess.run(
-        [QEMU_BINARY, "--version"], capture_output=True, text=True, timeout=30, check=False
-    ).stdout.splitlines()
-    model = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")), platform.processor(),
-    )  # fmt: skip
-    return {
-        "cpu": f"{model} x {os.cpu_count()}",
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "qemu": qemu[0] if qemu else "not found",
-        "load average (1, 5, 15 min) after the run": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-    }
 
 
 def cli_startup(timeout: float) -> float | None:
@@ -525,18 +382,6 @@ def _own_peak_rss() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def publish(name: str, markdown: str, data: dict[str, Any], *, save: bool) -> None:
-    """Print the report; with ``save``, also write results/<name>-<today>.md and .json."""
-    print(markdown)
-    if not save:
-        return
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}-{dt.datetime.now(dt.UTC).strftime('%Y-%m-%d')}.md"
-    path.write_text(markdown)
-    path.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    print(f"saved {path} and {path.with_suffix('.json').name}", file=sys.stderr)
 
 
 def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict[str, Any]]:
@@ -560,6 +405,7 @@ def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict
         "- MB/s = 10^6 bytes/s, wall clock from source start to destination completion",
         PREALLOC_NOTE,
         "- seconds = median of the runs (min-max)",
+        CPU_NOTE,
         "",
         body,
         "",
@@ -570,20 +416,7 @@ def report(rows: list[Row], size: int, startup: float | None) -> tuple[str, dict
     return markdown, data | {"rows": records}
 
 
-PREALLOC_NOTE: Final = (
-    "- destinations pre-allocate their RAM before the clock starts (QEMU prealloc=on, "
-    "`multifd receive --prealloc`)"
-)
-
-
 # -- main -----------------------------------------------------------------------------------
-def parse_size(text: str) -> int:
-    """``2G``, ``512M``, ``64K`` or a byte count."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,28 +30,29 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
 
-# Run as a script, this directory is on sys.path (for throughput); the tests' helpers need
-# the repository root too.
+# Run as a script, this directory is on sys.path (for harness and cpu); the tests' helpers
+# need the repository root too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.interop.qemu import BLOCK_NAME, write_ram_image
-from tests.tls.pki import Pki, make_pki
-from throughput import (
+from cpu import report_cpu
+from harness import (
     MIB,
     PREALLOC_NOTE,
     Row,
     Setup,
-    _fmt,
-    _rate,
-    _run_once,
-    _seconds,
     finish_receive,
+    fmt,
     machine,
+    mb_per_s,
     parse_size,
     publish,
     receiver_process,
+    run_once,
     run_send_worker,
+    seconds_text,
 )
+from tests.interop.qemu import BLOCK_NAME, write_ram_image
+from tests.tls.pki import Pki, make_pki
 
 import multifd
 
@@ -70,7 +71,7 @@ def python_to_python(channels: int, pki: Pki | None) -> Callable[[Setup, Row], N
         with receiver_process(setup, channels, extra_args=flags) as (receiver, uri, output):
             args = ["--send-worker", str(setup.image), "--channels", str(channels)]
             args += ["--pki", str(pki.folder)] if pki is not None else []
-            start = run_send_worker(__file__, args, uri, setup.timeout)
+            start = run_send_worker(__file__, args, uri, setup.timeout, row=row)
             finish_receive(setup, row, receiver, output, start)
 
     return run
@@ -84,7 +85,7 @@ def send_worker(image: Path, channels: int, pki: Path | None) -> None:
         _ = tls.client_context  # loaded before the clock starts, like the image
     print("ready", flush=True)
     uri = sys.stdin.readline().strip()
-    multifd.send(uri, ram, channels=channels, tls=tls)
+    report_cpu(lambda: multifd.send(uri, ram, channels=channels, tls=tls))
 
 
 def measure(setup: Setup, rows: list[Row], runs: dict[str, Callable[[Setup, Row], None]],
@@ -94,7 +95,7 @@ def measure(setup: Setup, rows: list[Row], runs: dict[str, Callable[[Setup, Row]
         for row in rows:
             if row.error is None:
                 print(f"  [{attempt}/{repeat}] {row.name} ...", file=sys.stderr, flush=True)
-                _run_once(runs[row.name], setup, row)
+                run_once(runs[row.name], setup, row)
     for row in rows:
         row.seconds = statistics.median(row.samples) if row.samples and not row.error else None
 
@@ -108,7 +109,7 @@ HEADER: Final = (
 def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]]]:
     """One line per channel count: plain and TLS side by side, and the ratios."""
     by_name = {row.name: row for row in rows}
-    tls_one = _rate(size, by_name.get(_row_name(1, tls=True)))
+    tls_one = mb_per_s(size, by_name.get(_row_name(1, tls=True)))
     lines, records = [HEADER], []
     for channels in CHANNELS:
         plain_row = by_name.get(_row_name(channels, tls=False))
@@ -116,14 +117,14 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]]]:
         pair = [row for row in (plain_row, tls_row) if row is not None]
         if not pair:
             continue
-        plain, tls = _rate(size, plain_row), _rate(size, tls_row)
+        plain, tls = mb_per_s(size, plain_row), mb_per_s(size, tls_row)
         ratio = tls / plain if tls and plain else None
         speedup = tls / tls_one if tls and tls_one else None
         errors = "; ".join(row.error for row in pair if row.error)
-        seconds = [_seconds(row) if row else "" for row in (plain_row, tls_row)]
+        seconds = [seconds_text(row) if row else "" for row in (plain_row, tls_row)]
         lines.append(
-            f"| {channels} | {_fmt(plain, '.0f')} | {_fmt(tls, '.0f')} | "
-            f"{_fmt(ratio, '.2f', 'x')} | {_fmt(speedup, '.2f', 'x')} | {seconds[0]} | "
+            f"| {channels} | {fmt(plain, '.0f')} | {fmt(tls, '.0f')} | "
+            f"{fmt(ratio, '.2f', 'x')} | {fmt(speedup, '.2f', 'x')} | {seconds[0]} | "
             f"{seconds[1]} | {errors.replace('|', '/')} |"
         )
         records.append({

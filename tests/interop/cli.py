@@ -3,8 +3,10 @@
 Both run as ``[sys.executable, "-m", "multifd", ...]``, exactly as a user would. The
 receiver announces its address as the first line of its stderr (``listening on ADDRESS``);
 a drain thread reads stderr so the child never blocks on a full pipe, and signals when that
-first line is in. Exits are awaited through a pidfd so the child's own peak RSS comes back
-from ``wait4`` (``RUSAGE_CHILDREN`` would mix in every QEMU the caller ran).
+first line is in, and notes when each line came and how much CPU the child had used by
+then (the benchmarks count a migration's CPU between two lines). Exits are awaited through
+a pidfd so the child's own peak RSS comes back from ``wait4`` (``RUSAGE_CHILDREN`` would
+mix in every QEMU the caller ran).
 """
 
 from __future__ import annotations
@@ -26,6 +28,20 @@ from typing import IO, Any, Final
 LISTENING_PREFIX: Final = "listening on "
 # A drain thread gets this long to see EOF after its process is gone.
 _DRAIN_JOIN: Final = 5.0
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system, every thread) process ``pid`` used so far; None if gone.
+
+    From ``/proc/PID/stat``, in clock ticks (10 ms at the usual 100 Hz).
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
 
 
 class CliError(Exception):
@@ -132,6 +148,7 @@ class MultifdProcess:
         )
         self._lines: list[str] = []
         self._line_times: list[float] = []  # time.time() when each stderr line arrived
+        self._line_cpu: list[float | None] = []  # process_cpu() of the child by then
         self._first_line = threading.Event()  # signals: _lines[0] exists, or stderr hit EOF
         self._drain = threading.Thread(target=self._read_stderr, name="multifd-stderr")
         self._drain.start()
@@ -177,6 +194,15 @@ class MultifdProcess:
                 return when
         return None
 
+    def line_cpu(self, prefix: str) -> float | None:
+        """The child's CPU seconds when the first stderr line starting with ``prefix``
+        arrived (after :meth:`wait`); None without such a line, or if it was gone by then."""
+        assert self.result is not None, "line_cpu() needs the process to have ended"
+        for cpu, line in zip(self._line_cpu, self._lines, strict=True):
+            if line.startswith(prefix):
+                return cpu
+        return None
+
     def wait(self, timeout: float | None = None) -> CliResult:
         """Wait for exit (kill on timeout) and return how it ended."""
         if self.result is not None:
@@ -206,6 +232,7 @@ class MultifdProcess:
         with self._proc.stderr as stream:
             for raw in stream:
                 self._line_times.append(time.time())
+                self._line_cpu.append(process_cpu(self._proc.pid))
                 self._lines.append(raw.decode(errors="replace"))
                 self._first_line.set()
         self._first_line.set()
