@@ -196,7 +196,7 @@ def test_zstd_level_zero_means_the_library_default() -> None:
     assert level0 != make_compressor("zstd", 1).compress(data)
 
 
-@pytest.mark.parametrize(("method", "level"), [("zlib", 0), ("zlib", 9), ("zstd", 0), ("zstd", 19)])
+@pytest.mark.parametrize(("method", "level"), [("zlib", 0), ("zlib", 9), ("zstd", 0), ("zstd", 20)])
 def test_extreme_levels_roundtrip(method: str, level: int) -> None:
     data = mixed_pages(random.Random(level), 8)
     payload = make_compressor(method, level).compress(data)
@@ -400,6 +400,29 @@ def test_decompression_bomb_is_stopped_with_bounded_memory(
         tracemalloc.stop()
     # The payload asks for `claimed` bytes; the decoder never held more than a few MiB.
     assert peak < 8 << 20 < claimed
+
+
+def zstd_rle_frame(window_log: int, blocks: int) -> bytes:
+    """A zstd frame that asks for a 2**window_log window, then ``blocks`` RLE blocks of 128
+    KiB; no content size, as in a multifd stream."""
+    descriptor = (window_log - 10) << 3  # Window_Descriptor: exponent, no mantissa
+    header = bytes.fromhex("28b52ffd00") + bytes((descriptor,))
+    return header + (((128 << 10) << 3 | 1 << 1).to_bytes(3, "little") + b"\x5a") * blocks
+
+
+def test_zstd_frame_asking_for_a_larger_window_than_qemu_uses_is_refused() -> None:
+    # Level 20, QEMU's highest multifd-zstd-level, asks for 2**25 bytes: one more power is
+    # refused before anything is decoded, where libzstd alone would allow up to 2**27.
+    level20 = make_compressor("zstd", 20).compress([bytes(PAGE_SIZE)])
+    assert zstandard.get_frame_parameters(level20).window_size == 1 << zstd_module.MAX_WINDOW_LOG
+    pages = out_pages(PAGES_PER_PACKET)
+    make_decompressor("zstd").decompress_into(zstd_rle_frame(25, 4), pages, channel=CHANNEL)
+    assert all(page.tobytes() == b"\x5a" * PAGE_SIZE for page in pages)
+    with pytest.raises(ProtocolError) as info:
+        make_decompressor("zstd").decompress_into(zstd_rle_frame(26, 4), pages, channel=CHANNEL)
+    assert info.value.channel == CHANNEL
+    assert "a zstd stream" in str(info.value)
+    assert "memory" in str(info.value).lower()  # libzstd: the frame needs too much memory
 
 
 def test_zstd_bomb_sanity_the_frame_really_inflates() -> None:

@@ -24,7 +24,10 @@ stream writer, which hands output in bounded chunks to a sink that copies it int
 (two more copies of every byte).
 
 Either way a payload cannot inflate beyond its packet: output only goes into buffers of
-the packet's size, so a decompression bomb stops at the first byte too many.
+the packet's size, so a decompression bomb stops at the first byte too many. And a frame
+may not ask for a window larger than QEMU's highest level uses (:data:`MAX_WINDOW_LOG`):
+the decoder keeps that much of the stream, and libzstd's own limit (128 MiB) would let a
+hostile source make every channel's decoder hold 128 MiB.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ METHOD: Final = "zstd"
 MIN_LEVEL: Final = 0  # 0 means libzstd's default level (3), in QEMU and in zstandard
 MAX_LEVEL: Final = 20
 DEFAULT_LEVEL: Final = 1  # multifd-zstd-level default
+# A stream's window is 2**MAX_WINDOW_LOG bytes at most: 32 MiB, what level 20 (QEMU's
+# highest multifd-zstd-level) uses when the size is not known in advance, as in a stream.
+MAX_WINDOW_LOG: Final = 25
 
 # zstandard's cffi binding: ``ffi`` and ``lib`` (every ZSTD_* function of its libzstd).
 _FFI: Final[Any] = getattr(_cffi_backend, "ffi", None)
@@ -181,6 +187,7 @@ class _LibzstdDecompress:
         if dctx == _FFI.NULL:
             raise MemoryError("ZSTD_createDCtx")
         self._dctx = _FFI.gc(dctx, _LIB.ZSTD_freeDCtx)
+        _checked(_LIB.ZSTD_DCtx_setParameter(self._dctx, _LIB.ZSTD_d_windowLogMax, MAX_WINDOW_LOG))
         self._in_pos = _FFI.new("size_t *")
         self._out_pos = _FFI.new("size_t *")
         self._probe = _FFI.new("char[1]")  # where a byte too many would go
@@ -293,7 +300,8 @@ class _WriterDecompress:
 
     def __init__(self) -> None:
         self._sink = _PageSink()
-        self._writer = zstandard.ZstdDecompressor().stream_writer(
+        decoder = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG)
+        self._writer = decoder.stream_writer(
             cast(IO[bytes], self._sink), write_size=_WRITE_SIZE, write_return_read=True
         )
 

@@ -10,8 +10,9 @@ Bounds enforced elsewhere, because they are fixed by the protocol rather than a 
 a compressed multifd payload is at most ``MAX_COMPRESSED_PAYLOAD`` (1 MiB, QEMU's receive
 buffer; ``next_packet_size`` is checked before a byte is read, and ignored for
 uncompressed packets); a multifd packet names a block known to the destination and pages
-inside it; the main stream decoder bounds the VM description (16 MiB) and FULL sections
-(1 MiB).
+inside it; a zstd stream's window is at most 32 MiB, what QEMU's highest level uses (each
+channel's decoder keeps that much); the main stream decoder bounds the VM description
+(16 MiB) and FULL sections (1 MiB).
 """
 
 from __future__ import annotations
