@@ -16,7 +16,7 @@ returns what happened; :func:`check` raises :class:`Finding` when an invariant b
 
 * only ``MigrationFailed`` may come out, caused only by ``ProtocolError`` / ``ChannelError``
   (an ``OSError`` only below a ``ChannelError``);
-* the receiver ends within ``WATCHDOG`` seconds;
+* the receiver ends within ``WATCHDOG`` seconds, and leaves no thread behind;
 * in provided blocks, a page changes only if the input addressed it (a page record, or an
   offset of a multifd packet naming that block);
 * the process's peak RSS during the run (``VmHWM``, reset before each run through
@@ -110,6 +110,7 @@ class Outcome:
     received: multifd.Received | None = None
     seconds: float = 0.0
     hung: bool = False
+    leftover: list[str] = field(default_factory=list)  # threads alive after the receiver
     rss_before: int = 0  # bytes resident when the run began (the peak was reset then)
     provided: multifd.Ram | None = None
     before: dict[str, bytes] = field(default_factory=dict)
@@ -123,6 +124,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="multifd-fuzz-")
+        self._threads = set(threading.enumerate())  # those that ran before any case
         self.address = f"unix:{os.path.join(self._folder.name, 'dest.sock')}"
         # Failures are the point: keep quiet until close(), which restores the loggers
         # (a test after this harness may read what they say).
@@ -151,6 +153,7 @@ class Receiver:
             thread.join(WATCHDOG)
         outcome.seconds = time.monotonic() - start
         outcome.hung = thread.is_alive()
+        outcome.leftover = [t.name for t in threading.enumerate() if t not in self._threads]
         return outcome
 
     def _receive(self, case: Case, outcome: Outcome, listening: threading.Event) -> None:
@@ -253,6 +256,8 @@ def check(case: Case, outcome: Outcome) -> None:
     try:
         if outcome.hung:
             raise Finding(f"the receiver still runs after {WATCHDOG} s")
+        if outcome.leftover:
+            raise Finding(f"threads outlived the receiver: {', '.join(outcome.leftover)}")
         if outcome.error is not None:
             _check_error(outcome.error)
         if outcome.provided is not None:
