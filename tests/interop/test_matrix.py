@@ -6,10 +6,11 @@ source into ``multifd receive``, ``multifd send`` into a QEMU destination) and t
 (multifd off, or 1, 2 and 4 channels with compression none, zlib and zstd). Multifd off is
 one mode, not three: compression only exists inside multifd packets.
 
-Levels vary with the channel count so that QEMU's default (1), mid levels (zlib 6, zstd 3)
-and the ends of the ranges (zlib 9, zstd 0, which libzstd reads as its default 3) all go
-through both implementations; the level is set on both sides, although only the sender's
-one changes the bytes (inflate and zstd decompression take no level).
+Levels vary with the channel count so that QEMU's default (1), zlib 6 and the ends of the
+ranges (zlib 9; zstd 0, which libzstd reads as its default 3, and 20, whose 32 MiB window is
+the largest our decoder accepts) all go through both implementations, zstd 3 through the
+compat settings; the level is set on both sides, although only the sender's one changes
+the bytes (inflate and zstd decompression take no level).
 
 Every case migrates a small mixed image (random, zero, one-byte-repeated and copied pages),
 compares the far side's RAM with the source byte for byte, and checks where the zero pages
@@ -108,7 +109,7 @@ class Mode:
 # Per channel count, the level of each method (None: QEMU's default, 1).
 _LEVELS: Final[dict[int, dict[str, int | None]]] = {
     1: {"zlib": None, "zstd": None},
-    2: {"zlib": 6, "zstd": 3},
+    2: {"zlib": 6, "zstd": 20},
     4: {"zlib": 9, "zstd": 0},
 }
 MODES: Final = [Mode(0)] + [
