@@ -49,6 +49,9 @@ _IOV_MAX: Final = 1024
 # reports a socket holding 1..3 bytes as readable, so there is no event to wait for.
 _PEEK_BACKOFF: Final = 0.0005
 _PEEK_BACKOFF_MAX: Final = 0.01
+# Said of a write that timed out: it blocks only while the peer's receive window is shut,
+# so the peer is stuck, or waits for something this end does not send (more channels, say).
+WRITE_STALLED: Final = " (the peer is not reading, or too slowly)"
 # errno values of a write or read on a connection the peer closed or reset
 _DROPPED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 
@@ -456,8 +459,9 @@ def send_all(
     try:
         write_buffers(sock, pending, total, timeout=timeout)
     except OSError as exc:
+        stalled = WRITE_STALLED if isinstance(exc, (TimeoutError, BlockingIOError)) else ""
         raise ChannelError(
-            f"send of {total} bytes failed: {os_reason(exc)}", channel=channel
+            f"send of {total} bytes failed: {os_reason(exc)}{stalled}", channel=channel
         ) from exc
     return total
 

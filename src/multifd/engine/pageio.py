@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from multifd.errors import ChannelError
-from multifd.transport import os_reason
+from multifd.transport import WRITE_STALLED, os_reason
 from multifd.wire.constants import PAGE_SIZE
 
 Offsets = npt.NDArray[np.int64]
@@ -46,7 +46,8 @@ def run_views(view: memoryview, offsets: Offsets) -> list[memoryview]:
 def channel_error(exc: OSError, channel: str, what: str, timeout: float) -> ChannelError:
     """The :class:`ChannelError` naming ``channel`` that stands for a socket error."""
     if isinstance(exc, (TimeoutError, BlockingIOError)):  # BlockingIOError: a kernel timer ran out
-        return ChannelError(f"{what} timed out after {timeout:g} s", channel=channel)
+        why = WRITE_STALLED if what == "write" else ""
+        return ChannelError(f"{what} timed out after {timeout:g} s{why}", channel=channel)
     return ChannelError(f"{what} failed: {os_reason(exc)}", channel=channel)
 
 
