@@ -38,10 +38,13 @@ def _receive_from_qemu(
     channels: int,
     source_uuid: str | None = None,
     receiver_uuid: str | None = None,
+    receiver_channels: int | None = None,
 ) -> tuple[QemuVm, MultifdProcess]:
-    """Start ``multifd receive`` and a QEMU source, and start the migration."""
+    """Start ``multifd receive`` and a QEMU source, and start the migration (the receiver
+    expects ``channels`` unless told ``receiver_channels``)."""
     output.mkdir(exist_ok=True)
-    args = receive_args("tcp:127.0.0.1:0", channels=channels, output=output, uuid=receiver_uuid)
+    expected = channels if receiver_channels is None else receiver_channels
+    args = receive_args("tcp:127.0.0.1:0", channels=expected, output=output, uuid=receiver_uuid)
     receiver = MultifdProcess(args, timeout=TIMEOUT)
     try:
         uri = as_uri(receiver.listening_address(TIMEOUT))
@@ -101,6 +104,26 @@ def test_qemu_source_uuid_mismatch_fails_clearly(
     assert "uuid" in result.stderr.lower(), result.stderr
     # Either spelling of the offending uuid will do, as long as the message names it.
     assert UUID.replace("-", "") in result.stderr.replace("-", ""), result.stderr
+
+
+def test_qemu_source_with_fewer_channels_fails_both_ends_at_its_first_sync(
+    make_vm: MakeVm, ram_image: MakeImage, tmp_path: Path
+) -> None:
+    # QEMU negotiates no channel count: a source with 2 into a destination told 4 used to
+    # wait for the whole setup timeout (60 s, beyond TIMEOUT); now 5 s once the 2 wait at
+    # their SYNC.
+    source_file = ram_image(SIZE, seed=13)
+    output = tmp_path / "received"
+    source, receiver = _receive_from_qemu(
+        make_vm, source_file, output, channels=2, receiver_channels=4
+    )
+    with receiver:
+        result = receiver.wait(TIMEOUT)
+        with pytest.raises(QemuError, match="migration failed"):
+            source.wait_for_status("completed", TIMEOUT)
+    assert result.returncode == 1
+    assert "2 of 4 multifd channels arrived and have waited at a sync point" in result.stderr
+    assert "does the source use multifd with 4 channels?" in result.stderr
 
 
 @pytest.mark.parametrize("channels", CHANNELS)

@@ -106,3 +106,24 @@ def test_destination_times_the_migration_from_its_source_arriving(
         assert result.stats.setup_time_ms <= result.stats.total_time_ms
     finally:
         result.ram.close()
+
+
+@pytest.mark.parametrize("peer", ["native", "qemu-7.2"])
+def test_a_source_with_fewer_channels_fails_once_those_wait_at_a_sync(
+    monkeypatch: pytest.MonkeyPatch, peer: str
+) -> None:
+    """A destination told 4 channels, a source using 2: both fail as soon as the 2 wait at
+    their SYNC for the grace period, not after the whole setup timeout (an hour here)."""
+    monkeypatch.setattr(destination, "STRAGGLER_GRACE", 0.2)
+    source = make_ram(6, SIZES)
+    receiver = ReceiverThread({"channels": 4, "setup_timeout": 3600.0})
+    address = receiver.start("tcp:127.0.0.1:0")
+    with pytest.raises(multifd.MigrationFailed) as sent:
+        multifd.send(address, source, channels=2, peer=peer)
+    with pytest.raises(multifd.MigrationFailed) as received:
+        receiver.result()
+    message = str(received.value)
+    assert "2 of 4 multifd channels arrived and have waited at a sync point" in message
+    assert "without multifd/2, multifd/3" in message
+    assert "does the source use multifd with 4 channels?" in message
+    assert "the peer closed the connection" in str(sent.value)

@@ -503,6 +503,22 @@ class Receiver(Stoppable):
             channel.state, _ = recv_step(channel.state, RecvEvent.RELEASE)
         self.cond.notify_all()  # the NOTIFY action, once for all
 
+    def stalled_short(self) -> list[str] | None:
+        """The channels missing while every channel that did connect waits at a SYNC;
+        None when no channel connected, one is missing none, or one still reads.
+
+        The source then got as far as a sync point without the missing channels: it may
+        not have them (a smaller channel count), or they are late; the caller waits a
+        little before it decides.
+        """
+        with self.cond:
+            present = [c for c in self._channels if c is not None]
+            if not present or len(present) == self.channels:
+                return None
+            if any(c.state is not RecvState.AT_SYNC_POSTED for c in present):
+                return None
+            return [multifd_channel(i) for i, c in enumerate(self._channels) if c is None]
+
     def _not_at_sync(self) -> list[str]:
         return [
             multifd_channel(i)

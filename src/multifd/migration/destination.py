@@ -65,6 +65,12 @@ log = logging.getLogger("multifd.destination")
 
 _RECV_CHUNK: Final = 1 << 20
 _POLL: Final = 0.25  # seconds between liveness checks while a channel is quiet
+# Once the multifd channels that arrived all wait at a SYNC, those still missing get this
+# long before the setup fails (rather than after the whole setup timeout): a source opens
+# its channels together, so by then a channel still missing is one it does not have, or one
+# whose connection was retried (the kernel's first SYN retry comes after 1 s, the next 2 s
+# later).
+STRAGGLER_GRACE: Final = 5.0
 
 ListeningHook = Callable[[Address], None]
 
@@ -198,6 +204,7 @@ class Destination:
     def _accept_channels(self, listener: transport.Listener) -> socket.socket:
         deadline = time.monotonic() + self.setup_timeout
         waiting = True  # for the source's first connection
+        stalled_since: float | None = None  # when the channels that arrived last all parked
         with Arrivals(
             listener,
             expected=1 + self.channels,
@@ -209,6 +216,7 @@ class Destination:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._setup_timed_out(arrivals)
+                stalled_since = self._check_stragglers(stalled_since)
                 arrivals.wait(min(remaining, _POLL))
                 while not self._all_here(arrivals) and (identified := arrivals.pop()):
                     if waiting:
@@ -224,6 +232,25 @@ class Destination:
             log.info("all %d channels connected", 1 + self.channels)
             arrivals.refuse_the_rest()
             return arrivals.take_main(_POLL)
+
+    def _check_stragglers(self, since: float | None) -> float | None:
+        """Fail once the channels that arrived have waited at a SYNC for STRAGGLER_GRACE
+        seconds without the rest; returns when that wait began (None: not waiting)."""
+        missing = self._receiver.stalled_short() if self._receiver is not None else None
+        if missing is None:
+            return None
+        now = time.monotonic()
+        if since is None:
+            return now
+        if now - since < STRAGGLER_GRACE:
+            return since
+        arrived = self.channels - len(missing)
+        raise ChannelError(
+            f"{arrived} of {self.channels} multifd channels arrived and have waited at a sync "
+            f"point for {STRAGGLER_GRACE:g} s without {', '.join(missing)}: does the source "
+            f"use multifd with {self.channels} channels?",
+            channel=missing[0],
+        )
 
     def _all_here(self, arrivals: Arrivals) -> bool:
         return arrivals.main is not None and arrivals.multifd == self.channels
@@ -277,7 +304,9 @@ class Destination:
                 continue
             except OSError as exc:
                 self._check_receiver()  # a multifd channel that failed first names the cause
-                raise ChannelError(f"receive failed: {exc}", channel=MAIN) from exc
+                raise ChannelError(
+                    f"receive failed: {transport.os_reason(exc)}", channel=MAIN
+                ) from exc
             if count == 0:
                 self._check_receiver()  # as above: the source may have closed main because of it
                 self._decoder.close()

@@ -444,7 +444,9 @@ def _read_shut(sock: socket.socket, timeout: float) -> int:
         except TimeoutError:
             continue  # the deadline check above reports it
         except OSError as exc:
-            raise ChannelError(f"receive failed: {exc}", channel=rp.RETURN_PATH) from exc
+            raise ChannelError(
+                f"receive failed: {transport.os_reason(exc)}", channel=rp.RETURN_PATH
+            ) from exc
         if not data:
             decoder.close()  # a SHUT cut short is a protocol error
             raise ChannelError(
