@@ -239,3 +239,10 @@ def parse_size(text: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
+
+
+def verdict(value: float | None, wanted: float) -> str:
+    """A target's result: met, MISSED, or not measured."""
+    if value is None:
+        return "not measured"
+    return "met" if value >= wanted else "MISSED"

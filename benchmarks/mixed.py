@@ -14,7 +14,8 @@ only ``max-bandwidth`` lifted; Python sources use the native profile (zero pages
 multifd packets' zero list, as QEMU 10 does), or ``qemu-10.0`` towards a QEMU destination
 (the Python -> QEMU rows show the send side alone against QEMU's, not judged).
 
-In the same run a worker process measures, best of 3 each: ``numpy.copyto`` of a hot
+In the same run a worker process (``in_process.py``) measures, best of 3 each:
+``numpy.copyto`` of a hot
 1 GiB buffer (memcpy bandwidth) and :func:`multifd.ram.zero_pages` over the image's
 ``RamBlock.words`` (zero-page scan bandwidth), plus the scan of an all-zero block of the
 same size (the worst case: every page read in full); and zstd compression of the pages
@@ -33,16 +34,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
-import mmap
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -72,21 +70,14 @@ from harness import (
     run_once,
     run_send_worker,
     seconds_text,
+    verdict,
 )
+from in_process import ZSTD_LEVEL, measure_scan, scan_lines
 from tests.interop.qemu import BLOCK_NAME, PAGE_SIZE, QEMU_BINARY, QemuVm
 
 import multifd
-from multifd.compression import compressor
-from multifd.engine.batch import Batch, PacketPlan, data_in_one_buffer
-from multifd.ram import RamBlock, zero_pages
-from multifd.wire.constants import PAGES_PER_PACKET
 
-ZSTD_LEVEL: Final = 1  # QEMU's multifd-zstd-level default
 CHUNK: Final = 16 * MIB  # the image is written, and half-zeroed, in slices this large
-MEMCPY_SIZE: Final = 1 << 30
-COMPRESS_SIZE: Final = 512 * MIB  # of the image, compressed by 1 and by 2 threads
-BEST_OF: Final = 3
-SCAN_TARGET: Final = 0.5  # scan bandwidth over memcpy bandwidth
 SPEEDUP_TARGET: Final = 1.5  # zstd 2 ch over 1 ch
 SPEED_TARGET: Final = 1.0  # ours over QEMU->QEMU, same method
 QEMU10: Final = "QEMU 10.0"
@@ -298,102 +289,6 @@ def write_half_zero_image(path: Path, size: int, *, seed: int) -> int:
     return zeros
 
 
-def scan_worker(image: Path) -> None:
-    """``--scan-worker``: print memcpy, zero-scan and compression figures as JSON.
-
-    A separate process, so its buffers do not raise the benchmark's own peak RSS.
-    """
-    memcpy = _memcpy_seconds()
-    block = RamBlock.from_file(BLOCK_NAME, image)
-    found = int(np.count_nonzero(zero_pages(block.words)))  # also faults the mapping in
-    mixed = _best(lambda: zero_pages(block.words))
-    compressed, one, two = _compress_scaling(block)
-    block.close()
-    empty = mmap.mmap(-1, image.stat().st_size)
-    zero_block = RamBlock("zeros", empty)
-    zero_block.pages[:] = 0  # real zero-filled pages, not the kernel's shared zero page
-    worst = _best(lambda: zero_pages(zero_block.words))
-    zero_block.close()
-    size = image.stat().st_size
-    print(json.dumps({
-        "memcpy_bytes_per_s": MEMCPY_SIZE / memcpy,
-        "scan_mixed_bytes_per_s": size / mixed,
-        "scan_all_zero_bytes_per_s": size / worst,
-        "zero_pages_found": found,
-        "compressed_bytes": compressed,
-        "compress_1_thread_s": one,
-        "compress_2_threads_s": two,
-    }))  # fmt: skip
-
-
-def _compress_scaling(block: RamBlock) -> tuple[int, float, float]:
-    """Bytes compressed, and the best seconds on 1 and on 2 threads."""
-    packets = _packets(block, min(COMPRESS_SIZE, block.size) // PAGE_SIZE)
-    one = _best(lambda: _compress_all(packets, 1))
-    two = _best(lambda: _compress_all(packets, 2))
-    return sum(batch.normal for batch in packets) * PAGE_SIZE, one, two
-
-
-def _packets(block: RamBlock, pages: int) -> list[Batch]:
-    """The packets a sender makes of the block's first ``pages`` pages (zero pages found)."""
-    packets = []
-    for first in range(0, pages, CHUNK // PAGE_SIZE):
-        offsets = np.arange(first, min(first + CHUNK // PAGE_SIZE, pages)) * PAGE_SIZE
-        plan = PacketPlan(block, offsets, detect_zero_pages=True)
-        for index in range(len(plan)):
-            batch = Batch()
-            plan.fill(batch, index)
-            if batch.normal:
-                packets.append(batch)
-    return packets
-
-
-def _compress_all(packets: Sequence[Batch], threads: int) -> None:
-    """zstd-compress the packets' pages on ``threads`` threads, each with its own stream
-    and its share of the packets, the way send threads do: scattered pages gathered, one
-    library call per packet."""
-
-    def work(share: Sequence[Batch]) -> None:
-        stream = compressor("zstd", ZSTD_LEVEL)
-        assert stream is not None
-        scratch = np.empty((PAGES_PER_PACKET, PAGE_SIZE), dtype=np.uint8)
-        for batch in share:
-            stream.compress_parts(data_in_one_buffer(batch, scratch))
-
-    with ThreadPoolExecutor(threads) as pool:
-        for done in [pool.submit(work, packets[k::threads]) for k in range(threads)]:
-            done.result()
-
-
-def _memcpy_seconds() -> float:
-    source = np.empty(MEMCPY_SIZE, dtype=np.uint8)
-    target = np.empty_like(source)
-    source.fill(1)  # touch every page of both buffers before timing: a hot copy
-    target.fill(0)
-    return _best(lambda: np.copyto(target, source))
-
-
-def _best(func: Callable[[], object]) -> float:
-    times = []
-    for _ in range(BEST_OF):
-        start = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def measure_scan(setup: Setup) -> dict[str, Any]:
-    """Run :func:`scan_worker` in a child process; ``{"error": ...}`` if it fails."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--scan-worker", str(setup.image)],
-        capture_output=True, text=True, timeout=setup.timeout, check=False,
-    )  # fmt: skip
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["no stderr"])[-1][:300]}
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
-
-
 def measure(setup: Setup, rows: list[Row], repeat: int) -> None:
     """Every row ``repeat`` times, round-robin; a row's time is its median, as throughput.py."""
     funcs = {spec.name: spec.run for spec in SPECS}
@@ -407,12 +302,6 @@ def measure(setup: Setup, rows: list[Row], repeat: int) -> None:
 
 
 # -- report ---------------------------------------------------------------------------------
-def _verdict(value: float | None, wanted: float) -> str:
-    if value is None:
-        return "not measured"
-    return "met" if value >= wanted else "MISSED"
-
-
 def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]], list[str]]:
     """The rows' markdown table, their JSON records, and the speed target lines."""
     by_name = {row.name: row for row in rows}
@@ -432,11 +321,11 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]], list[s
         ratio = rate / ref if rate and ref else None
         result = f"error: {row.error}" if row.error else ""
         if spec.judged:
-            verdict = _verdict(ratio, SPEED_TARGET)
-            result = result or f"speed {verdict}"
+            judged = verdict(ratio, SPEED_TARGET)
+            result = result or f"speed {judged}"
             targets.append(
                 f"| {row.name} >= {SPEED_TARGET:.1f}x QEMU->QEMU | "
-                f"{fmt(ratio, '.2f', 'x')} | {verdict} |"
+                f"{fmt(ratio, '.2f', 'x')} | {judged} |"
             )
         rss = f"{row.receiver_rss / MIB:.0f} MiB" if row.receiver_rss else ""
         cpu = cpu_text(row.source_cpu, row.destination_cpu, size)
@@ -449,7 +338,7 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]], list[s
     speedup = two / one if one and two else None
     targets.append(
         f"| zstd 2 ch / 1 ch (Python -> Python) >= {SPEEDUP_TARGET:.1f}x | "
-        f"{fmt(speedup, '.2f', 'x')} | {_verdict(speedup, SPEEDUP_TARGET)} |"
+        f"{fmt(speedup, '.2f', 'x')} | {verdict(speedup, SPEEDUP_TARGET)} |"
     )
     one, two = (
         mb_per_s(size, by_name.get(QEMU_ZSTD_1CH)),
@@ -461,56 +350,6 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]], list[s
         f"{fmt(qemu_speedup, '.2f', 'x')} | |"
     )
     return "\n".join(lines), records, targets
-
-
-def scan_lines(scan: dict[str, Any], zeros: int) -> tuple[list[str], list[str]]:
-    """The scan section's lines and its target lines."""
-    if "error" in scan:
-        return [f"- scan worker failed: {scan['error']}"], [
-            f"| zero-page scan / memcpy >= {SCAN_TARGET}x | | error |"
-        ]
-    memcpy = scan["memcpy_bytes_per_s"]
-    mixed, worst = scan["scan_mixed_bytes_per_s"], scan["scan_all_zero_bytes_per_s"]
-    found = scan["zero_pages_found"]
-    lines = [
-        (
-            f"- memcpy (`numpy.copyto`, hot {MEMCPY_SIZE / MIB:.0f} MiB, best of {BEST_OF}): "
-            f"{memcpy / 1e6:.0f} MB/s"
-        ),
-        (
-            f"- zero-page scan (`zero_pages(RamBlock.words)`, best of {BEST_OF}), 50 % zero: "
-            f"{mixed / 1e6:.0f} MB/s = {mixed / memcpy:.2f}x memcpy "
-            f"({found} zero pages found, {zeros} written"
-            f"{'' if found == zeros else ': MISMATCH'})"
-        ),
-        (
-            f"- zero-page scan, all zero (worst case, every word read): {worst / 1e6:.0f} MB/s "
-            f"= {worst / memcpy:.2f}x memcpy"
-        ),
-    ]
-    one, two = scan["compress_1_thread_s"], scan["compress_2_threads_s"]
-    rate = scan["compressed_bytes"] / 1e6
-    lines.append(
-        f"- zstd level {ZSTD_LEVEL} compression alone, as send threads do it (scattered pages "
-        f"gathered, one libzstd call per packet), the pages with data of the image's first "
-        f"{COMPRESS_SIZE / MIB:.0f} MiB, no sockets, best of {BEST_OF}: 1 thread "
-        f"{rate / one:.0f} MB/s, 2 threads {rate / two:.0f} MB/s = {one / two:.2f}x"
-    )
-    targets = [
-        (
-            f"| for reference, zstd compression alone, 2 threads / 1 thread (no sockets: "
-            f"does the GIL serialize it?) | {one / two:.2f}x | |"
-        ),
-        (
-            f"| zero-page scan (50 % zero) / memcpy >= {SCAN_TARGET}x | {mixed / memcpy:.2f}x | "
-            f"{_verdict(mixed / memcpy, SCAN_TARGET)} |"
-        ),
-        (
-            f"| zero-page scan (all zero, worst case) / memcpy >= {SCAN_TARGET}x | "
-            f"{worst / memcpy:.2f}x | {_verdict(worst / memcpy, SCAN_TARGET)} |"
-        ),
-    ]
-    return lines, targets
 
 
 def report(
@@ -578,16 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run each end on a core of its own: sources on CPU 0, destinations on CPU 1",
     )
     parser.add_argument("--send-worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--scan-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--channels", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--peer", default="native", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.send_worker is not None:
         send_worker(args.send_worker, args.channels, args.method, args.peer)
-        return 0
-    if args.scan_worker is not None:
-        scan_worker(args.scan_worker)
         return 0
     if args.size <= 0 or args.size % CHUNK:
         parser.error(f"--size must be a positive multiple of {CHUNK // MIB} MiB")
