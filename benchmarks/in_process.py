@@ -38,7 +38,9 @@ from multifd.ram import RamBlock, zero_pages
 from multifd.wire.constants import PAGES_PER_PACKET
 
 ZSTD_LEVEL: Final = 1  # QEMU's multifd-zstd-level default
-CHUNK: Final = 16 * MIB  # packets are planned in slices this large, as a source does
+# A source plans its pages in chunks of this many (migration/source.py), a packet's worth
+# of pages 64 times over.
+CHUNK_PAGES: Final = 64 * PAGES_PER_PACKET
 MEMCPY_SIZE: Final = 1 << 30
 COMPRESS_SIZE: Final = 512 * MIB  # of the image, compressed by 1 and by 2 threads
 BEST_OF: Final = 3
@@ -84,8 +86,8 @@ def _compress_scaling(block: RamBlock) -> tuple[int, float, float]:
 def _packets(block: RamBlock, pages: int) -> list[Batch]:
     """The packets a sender makes of the block's first ``pages`` pages (zero pages found)."""
     packets = []
-    for first in range(0, pages, CHUNK // PAGE_SIZE):
-        offsets = np.arange(first, min(first + CHUNK // PAGE_SIZE, pages)) * PAGE_SIZE
+    for first in range(0, pages, CHUNK_PAGES):
+        offsets = np.arange(first, min(first + CHUNK_PAGES, pages)) * PAGE_SIZE
         plan = PacketPlan(block, offsets, detect_zero_pages=True)
         for index in range(len(plan)):
             batch = Batch()

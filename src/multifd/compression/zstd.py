@@ -140,15 +140,20 @@ def _checked(code: int) -> int:
     return code
 
 
+def _owned(create: Any, free: Any) -> Any:
+    """A new libzstd context from ``create``, freed with ``free`` when it is collected."""
+    context = create()
+    if context == _FFI.NULL:
+        raise MemoryError(create.__name__)
+    return _FFI.gc(context, free)
+
+
 class _LibzstdCompress:
     """``ZSTD_compressStream2`` from each buffer in turn into one output buffer, reused by
     every packet: a payload is a view of it, valid until the next packet."""
 
     def __init__(self, level: int) -> None:
-        cctx = _LIB.ZSTD_createCCtx()
-        if cctx == _FFI.NULL:
-            raise MemoryError("ZSTD_createCCtx")
-        self._cctx = _FFI.gc(cctx, _LIB.ZSTD_freeCCtx)
+        self._cctx = _owned(_LIB.ZSTD_createCCtx, _LIB.ZSTD_freeCCtx)
         _checked(_LIB.ZSTD_CCtx_setParameter(self._cctx, _LIB.ZSTD_c_compressionLevel, level))
         self._out = _FFI.new("ZSTD_outBuffer *")
         self._in = _FFI.new("ZSTD_inBuffer *")
@@ -183,10 +188,7 @@ class _LibzstdDecompress:
     """``ZSTD_decompressStream`` into the output views in turn (see the module docstring)."""
 
     def __init__(self) -> None:
-        dctx = _LIB.ZSTD_createDCtx()
-        if dctx == _FFI.NULL:
-            raise MemoryError("ZSTD_createDCtx")
-        self._dctx = _FFI.gc(dctx, _LIB.ZSTD_freeDCtx)
+        self._dctx = _owned(_LIB.ZSTD_createDCtx, _LIB.ZSTD_freeDCtx)
         _checked(_LIB.ZSTD_DCtx_setParameter(self._dctx, _LIB.ZSTD_d_windowLogMax, MAX_WINDOW_LOG))
         self._in_pos = _FFI.new("size_t *")
         self._out_pos = _FFI.new("size_t *")
