@@ -126,6 +126,26 @@ def test_qemu_source_with_fewer_channels_fails_both_ends_at_its_first_sync(
     assert "does the source use multifd with 4 channels?" in result.stderr
 
 
+def test_qemu_source_with_multifd_off_fails_both_ends_at_its_first_page(
+    make_vm: MakeVm, ram_image: MakeImage, tmp_path: Path
+) -> None:
+    # A source with multifd off into a destination told 2 channels used to wait for the
+    # whole setup timeout (60 s, beyond TIMEOUT); now its first page on the main channel
+    # tells it, during setup.
+    source_file = ram_image(SIZE, seed=14)
+    output = tmp_path / "received"
+    source, receiver = _receive_from_qemu(
+        make_vm, source_file, output, channels=0, receiver_channels=2
+    )
+    with receiver:
+        result = receiver.wait(TIMEOUT)
+        with pytest.raises(QemuError, match="migration failed"):
+            source.wait_for_status("completed", TIMEOUT)
+    assert result.returncode == 1
+    assert "main: RAM page on the main channel" in result.stderr
+    assert "while 0 of 2 multifd channels had arrived: is multifd off" in result.stderr
+
+
 @pytest.mark.parametrize("channels", CHANNELS)
 def test_multifd_send_into_qemu_destination(
     make_vm: MakeVm, ram_image: MakeImage, channels: int

@@ -9,6 +9,7 @@ import pytest
 
 import multifd
 from multifd.engine.trace import TraceEvent
+from multifd.errors import ProtocolError
 from multifd.migration import destination
 from tests.migration.helpers import PAGE, ReceiverThread, assert_same, make_ram, migrate_locally
 
@@ -126,4 +127,26 @@ def test_a_source_with_fewer_channels_fails_once_those_wait_at_a_sync(
     assert "2 of 4 multifd channels arrived and have waited at a sync point" in message
     assert "without multifd/2, multifd/3" in message
     assert "does the source use multifd with 4 channels?" in message
-    assert "the peer closed the connection" in str(sent.value)
+    assert "closed the connection" in str(sent.value)  # on a channel or the return path
+
+
+@pytest.mark.parametrize("peer", ["native", "qemu-7.2"])
+def test_a_source_with_multifd_off_fails_at_its_first_page(peer: str) -> None:
+    """A destination told 2 channels, a source with multifd off: its first page on the
+    main channel fails both ends at once, not after the whole setup timeout (an hour here),
+    and nothing was written."""
+    source = make_ram(7, SIZES)
+    receiver = ReceiverThread({"channels": 2, "setup_timeout": 3600.0})
+    address = receiver.start("tcp:127.0.0.1:0")
+    with pytest.raises(multifd.MigrationFailed, match="closed the connection"):
+        multifd.send(address, source, channels=0, peer=peer)
+    with pytest.raises(multifd.MigrationFailed) as received:
+        receiver.result()
+    cause = received.value.__cause__
+    assert isinstance(cause, ProtocolError)
+    assert cause.channel == "main"
+    assert cause.expected == "pages on the 2 multifd channels only"
+    assert "a page of 'mem' (offset 0x0) while 0 of 2 multifd channels had arrived" in str(
+        cause.received
+    )
+    assert "is multifd off at the source?" in str(cause.received)

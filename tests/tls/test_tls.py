@@ -172,3 +172,17 @@ def test_a_handshake_that_takes_too_long_is_refused(pki: Pki) -> None:
     multifd.send(address, source, channels=1, tls=pki.source)
     (refused,) = _received(receiver, source).refused
     assert "no TLS handshake within 1 s" in str(refused)
+
+
+def test_a_tls_source_with_multifd_off_fails_at_its_first_page(pki: Pki) -> None:
+    """Setup reads the main channel through TLS too (the bytes decrypted behind select()
+    included): a source with multifd off fails at its first page, not after the setup
+    timeout (an hour here)."""
+    receiver = ReceiverThread({"channels": 2, "tls": pki.dest, "setup_timeout": 3600.0})
+    address = receiver.start("tcp:127.0.0.1:0")
+    with pytest.raises(MigrationFailed):
+        multifd.send(address, make_ram(12, SIZES), channels=0, tls=pki.source)
+    with pytest.raises(MigrationFailed) as info:
+        receiver.result()
+    assert isinstance(info.value.__cause__, ProtocolError)
+    assert "RAM page on the main channel" in str(info.value.__cause__)

@@ -15,6 +15,14 @@ reported to ``on_refused``, and setup goes on. (A source may stay silent on its 
 channels until it has opened the others, so the wait for the first bytes themselves is
 bounded by setup only.) A channel that identifies itself and then breaks the protocol fails
 the migration, as in QEMU: that is a misconfigured source, and it should hear so at once.
+
+The main channel is read while multifd channels are still awaited, up to
+:data:`EARLY_LIMIT` bytes, which :meth:`Arrivals.take_main` hands to the loader. A source
+with multifd on sends every page on a multifd channel (the main channel carries at most
+zero-page records), and one with multifd off sends its pages on the main channel from its
+first pass; so a page seen there during setup names a source with multifd off at once,
+where waiting for channels that never come would take the whole setup timeout. A throwaway
+decoder looks for that page; the loader decodes the same bytes again for real.
 """
 
 from __future__ import annotations
@@ -23,18 +31,27 @@ import collections
 import logging
 import selectors
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from multifd import transport
-from multifd.errors import MAIN, ChannelRefused, MultifdError
+from multifd.errors import MAIN, ChannelError, ChannelRefused, MultifdError, ProtocolError
 from multifd.migration.limits import ReceiveLimits
 from multifd.tls import ServerHandshake
+from multifd.wire import stream
 
 log = logging.getLogger("multifd.destination")
 
 Identified = tuple[socket.socket, transport.ChannelKind]
+
+# Bytes of the main channel read during setup: a source's setup records and first pages fit
+# many times over, and a source with multifd off cannot make a destination buffer more.
+EARLY_LIMIT: Final = 1 << 20
+# A read that would block: nothing more has arrived yet (TLS may also want to write).
+_NOTHING_YET = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 @dataclass
@@ -85,6 +102,8 @@ class Arrivals:
         self._identified: collections.deque[Identified] = collections.deque()
         self.main: socket.socket | None = None
         self.multifd = 0
+        self._early = bytearray()  # what the main channel sent before setup ended
+        self._scout: stream.StreamDecoder | None = None  # looks at it for a page
 
     def pop(self) -> Identified | None:
         """The next identified connection, now the caller's; None if there is none."""
@@ -103,8 +122,12 @@ class Arrivals:
         for key, _ in self._selector.select(timeout):
             if key.fileobj is self._listener.socket:
                 self._accept_all()
+            elif key.fileobj is self.main:
+                pass  # read below: a TLS socket may hold data select() cannot see
             elif (done := self._advance(key.data)) is not None:
                 self._identified.append(done)
+        if self._scout is not None:
+            self._read_main()
         self._expire(time.monotonic())
 
     def _accept_all(self) -> None:
@@ -177,9 +200,20 @@ class Arrivals:
         del self._pending[pending.sock]
 
     def set_main(self, sock: socket.socket) -> None:
-        """Take ``sock`` as the main channel, or refuse it if there is one already."""
+        """Take ``sock`` as the main channel, or refuse it if there is one already.
+
+        While multifd channels are awaited, :meth:`wait` reads it (see the module docstring).
+        """
         if self.main is None:
             self.main = sock
+            if self._expected > 1:
+                sock.settimeout(0)
+                self._selector.register(sock, selectors.EVENT_READ)
+                self._scout = stream.StreamDecoder(
+                    MAIN,
+                    max_blocks=self._limits.max_blocks,
+                    max_name_len=self._limits.max_name_len,
+                )
             return
         peer = _peer_name(sock)
         transport.close_quietly(sock)
@@ -196,12 +230,62 @@ class Arrivals:
             reason = f"a {kind} channel beyond the {self._expected} expected"
             self._report(ChannelRefused(reason, peer=peer))
 
-    def take_main(self, timeout: float) -> socket.socket:
-        """The main channel, now the caller's, with ``timeout`` on each read."""
+    def take_main(self, timeout: float) -> tuple[socket.socket, bytes]:
+        """The main channel, now the caller's, with ``timeout`` on each read, and the bytes
+        already read from it, which come first in its stream."""
+        self._stop_reading_main()
         main, self.main = self.main, None
         assert main is not None
         main.settimeout(timeout)
-        return main
+        early = bytes(self._early)
+        self._early.clear()
+        return main, early
+
+    def _read_main(self) -> None:
+        """Read what the main channel has sent, up to EARLY_LIMIT, and look for a page."""
+        assert self.main is not None
+        try:
+            data = self.main.recv(EARLY_LIMIT - len(self._early))
+        except _NOTHING_YET:
+            return
+        except OSError as exc:
+            raise ChannelError(
+                f"receive failed during setup: {transport.os_reason(exc)}", channel=MAIN
+            ) from exc
+        self._early += data
+        page = self._first_page(data)
+        if page is not None:
+            channels = self._expected - 1
+            raise ProtocolError(
+                "RAM page on the main channel",
+                channel=MAIN,
+                expected=f"pages on the {channels} multifd channels only",
+                received=(
+                    f"a page of {page.block!r} (offset {page.offset:#x}) while {self.multifd} "
+                    f"of {channels} multifd channels had arrived: is multifd off at the "
+                    "source? Then receive with 0 channels"
+                ),
+            )
+        if not data or len(self._early) >= EARLY_LIMIT:
+            self._stop_reading_main()  # at its end, or full: the loader takes it from here
+
+    def _first_page(self, data: bytes) -> stream.RamPage | None:
+        """The first page record ``data`` completes, decoding on from the earlier bytes."""
+        assert self._scout is not None
+        try:
+            self._scout.feed(data)
+            while (event := self._scout.next_event()) is not None:
+                if isinstance(event, stream.RamPage):
+                    return event
+        except ProtocolError:
+            self._stop_reading_main()  # the loader decodes the same bytes and reports it
+        return None
+
+    def _stop_reading_main(self) -> None:
+        if self._scout is not None:
+            assert self.main is not None
+            self._scout = None
+            self._selector.unregister(self.main)
 
     def __enter__(self) -> Arrivals:
         return self

@@ -167,11 +167,11 @@ class Destination:
                     io_timeout=self.io_timeout,
                     backpressure=self._backpressure,
                 )
-            self._main = self._accept_channels(listener)
+            self._main, early = self._accept_channels(listener)
             listener.close()  # every channel is here: later connections are refused
             self._setup_ms = (time.monotonic() - self._start) * 1e3
             self.status = Status.ACTIVE
-            self._load()
+            self._load(early)
             if self._receiver is not None:
                 if self.return_path:
                     self._stop_reading_multifd()
@@ -201,7 +201,8 @@ class Destination:
             self._receiver.abort(exc)
 
     # -- setup: accept and classify ---------------------------------------------------------
-    def _accept_channels(self, listener: transport.Listener) -> socket.socket:
+    def _accept_channels(self, listener: transport.Listener) -> tuple[socket.socket, bytes]:
+        """The main channel, once every channel is here, and what it sent meanwhile."""
         deadline = time.monotonic() + self.setup_timeout
         waiting = True  # for the source's first connection
         stalled_since: float | None = None  # when the channels that arrived last all parked
@@ -283,13 +284,15 @@ class Destination:
         self._receiver.accept_channel(sock, self.io_timeout)
 
     # -- the main stream --------------------------------------------------------------------
-    def _load(self) -> None:
+    def _load(self, early: bytes = b"") -> None:
+        """Decode the main stream, ``early`` (what setup read of it) first."""
         assert self._main is not None
         buffer = bytearray(_RECV_CHUNK)
         view = memoryview(buffer)
         quiet_since = time.monotonic()
         progress = self._progress_mark()
-        while True:
+        ended = bool(early) and self._decode(early)
+        while not ended:
             try:
                 count = self._main.recv_into(view)
             except TimeoutError:
@@ -313,15 +316,19 @@ class Destination:
                 self._drain_events()
                 break
             quiet_since = time.monotonic()
-            self._main_bytes += count
-            self._decoder.feed(view[:count])
-            self._drain_events()
-            if self.return_path and self._stream_ended():
-                break  # the source may keep the socket open: it waits for our SHUT
+            ended = self._decode(view[:count])
         if not self._eof_seen:
             raise ProtocolError(
                 "main stream", channel=MAIN, expected="QEMU_VM_EOF", received="end of stream"
             )
+
+    def _decode(self, data: bytes | memoryview) -> bool:
+        """Decode and apply ``data``; True once the stream is over with the socket open."""
+        self._main_bytes += len(data)
+        self._decoder.feed(data)
+        self._drain_events()
+        # The source may keep the socket open: it waits for our SHUT.
+        return self.return_path and self._stream_ended()
 
     def _progress_mark(self) -> int:
         if self._receiver is None:

@@ -158,8 +158,8 @@ class Incoming(Destination):
         # is a whole VM description closing the tail (EOF alone could be a chance byte).
         return self._decoder.in_tail and stream.ends_with_eof(self._tail_end, description=True)
 
-    def _load(self) -> None:
-        super()._load()
+    def _load(self, early: bytes = b"") -> None:
+        super()._load(early)
         if not stream.ends_with_eof(self._tail_end):
             raise ProtocolError(
                 "end of the stream after the ram section",
