@@ -159,12 +159,17 @@ PAGE = bytes([1]) * PAGE_SIZE
             "12288 bytes",
             "6144 bytes",
         ),
-        (data_header(flags=MULTIFD_FLAG_ZLIB) + PAGE, "packet compression method", "0x0", "0x2"),
+        (
+            data_header(flags=MULTIFD_FLAG_ZLIB) + PAGE,
+            "packet compression method",
+            "0x0 (none)",
+            "0x2 (zlib): the method is not negotiated, both ends must be given the same",
+        ),
         (
             data_header(flags=MULTIFD_FLAG_SYNC | MULTIFD_FLAG_ZLIB) + PAGE,
             "packet compression method",
             "0x0 (none)",
-            "0x2",
+            "0x2 (zlib)",
         ),
     ],
     ids=[

@@ -30,6 +30,7 @@ __all__ = [
     "compressor",
     "decompressor",
     "default_level",
+    "describe_flag",
     "flag_of",
     "level_range",
     "method_of",
@@ -96,14 +97,21 @@ def method_of(flag: int, *, channel: str = UNIDENTIFIED) -> str:
     try:
         return _BY_FLAG[flag]
     except KeyError:
-        unsupported = _UNSUPPORTED_FLAGS.get(flag)
-        received = f"{flag:#x}" if unsupported is None else f"{flag:#x} ({unsupported})"
         raise ProtocolError(
             "compression method",
             channel=channel,
             expected=" or ".join(METHODS),
-            received=received,
+            received=describe_flag(flag),
         ) from None
+
+
+def describe_flag(flag: int) -> str:
+    """The compression bits of a packet's ``flags`` for a message: ``0x2 (zlib)``."""
+    name = _BY_FLAG.get(flag)
+    if name is None:
+        unsupported = _UNSUPPORTED_FLAGS.get(flag)
+        name = "unknown" if unsupported is None else f"{unsupported}, not supported here"
+    return f"{flag:#x} ({name})"
 
 
 def level_range(method: str) -> tuple[int, int] | None:

@@ -26,7 +26,7 @@ from uuid import UUID
 
 import numpy as np
 
-from multifd.compression import Decompressor, decompressor, flag_of
+from multifd.compression import Decompressor, decompressor, describe_flag, flag_of
 from multifd.engine.handshake import (
     RECV_INITIAL,
     RECV_QUIET,
@@ -229,8 +229,11 @@ class _RecvChannel:
                 raise ProtocolError(
                     "packet compression method",
                     channel=self.name,
-                    expected=f"{self.owner.flag:#x} ({self.owner.compression})",
-                    received=f"{flags & MULTIFD_FLAG_COMPRESSION_MASK:#x}",
+                    expected=describe_flag(self.owner.flag),
+                    received=(
+                        f"{describe_flag(flags & MULTIFD_FLAG_COMPRESSION_MASK)}: the method "
+                        "is not negotiated, both ends must be given the same"
+                    ),
                 )
             if self.decompressor is None:
                 size = self._read_runs(_runs(block, first, normal, offsets), normal * PAGE_SIZE)
