@@ -426,7 +426,10 @@ class Receiver(Stoppable):
                 "init packet channel id",
                 channel=name,
                 expected=f"< {self.channels}",
-                received=init.channel_id,
+                received=(
+                    f"{init.channel_id}: the source uses more than {self.channels} channels "
+                    "(the count is not negotiated, both ends must be given the same)"
+                ),
             )
         return init
 
