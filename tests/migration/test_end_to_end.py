@@ -150,3 +150,22 @@ def test_a_source_with_multifd_off_fails_at_its_first_page(peer: str) -> None:
         cause.received
     )
     assert "is multifd off at the source?" in str(cause.received)
+
+
+@pytest.mark.parametrize("peer", ["native", "qemu-7.2"])
+def test_a_source_with_multifd_off_and_only_zero_pages_fails_after_its_ram_setup(
+    monkeypatch: pytest.MonkeyPatch, peer: str
+) -> None:
+    """No page ever reaches the main channel (zero pages go as ZERO records there): the
+    end of the source's RAM setup, with no channel arrived a grace period later, tells."""
+    monkeypatch.setattr(destination, "STRAGGLER_GRACE", 0.2)
+    source = multifd.Ram([multifd.RamBlock.from_bytes("mem", bytes(64 * PAGE))])
+    receiver = ReceiverThread({"channels": 2, "setup_timeout": 3600.0})
+    address = receiver.start("tcp:127.0.0.1:0")
+    with pytest.raises(multifd.MigrationFailed, match="closed the connection"):
+        multifd.send(address, source, channels=0, peer=peer)
+    with pytest.raises(multifd.MigrationFailed) as received:
+        receiver.result()
+    message = str(received.value)
+    assert "the source ended its RAM setup 0.2 s ago and none of the 2 multifd channels" in message
+    assert "is multifd off at the source" in message

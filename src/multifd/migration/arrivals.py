@@ -22,7 +22,10 @@ with multifd on sends every page on a multifd channel (the main channel carries 
 zero-page records), and one with multifd off sends its pages on the main channel from its
 first pass; so a page seen there during setup names a source with multifd off at once,
 where waiting for channels that never come would take the whole setup timeout. A throwaway
-decoder looks for that page; the loader decodes the same bytes again for real.
+decoder looks for that page; the loader decodes the same bytes again for real. It also
+notes when the ``ram`` setup section ends (its first marker): a source with multifd on has
+connected every channel by then (QEMU 7.2 has even sent a SYNC on each; QEMU 10 and ours
+connect them before the stream starts), so channels still missing a while later never come.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class Arrivals:
         self.multifd = 0
         self._early = bytearray()  # what the main channel sent before setup ended
         self._scout: stream.StreamDecoder | None = None  # looks at it for a page
+        self.ram_setup_ended: float | None = None  # monotonic time the scout saw a marker
 
     def pop(self) -> Identified | None:
         """The next identified connection, now the caller's; None if there is none."""
@@ -270,13 +274,18 @@ class Arrivals:
             self._stop_reading_main()  # at its end, or full: the loader takes it from here
 
     def _first_page(self, data: bytes) -> stream.RamPage | None:
-        """The first page record ``data`` completes, decoding on from the earlier bytes."""
+        """The first page record ``data`` completes, decoding on from the earlier bytes
+        (and noting the first marker)."""
         assert self._scout is not None
         try:
             self._scout.feed(data)
             while (event := self._scout.next_event()) is not None:
                 if isinstance(event, stream.RamPage):
                     return event
+                if self.ram_setup_ended is None and isinstance(
+                    event, stream.RamEos | stream.RamMultifdFlush
+                ):
+                    self.ram_setup_ended = time.monotonic()
         except ProtocolError:
             self._stop_reading_main()  # the loader decodes the same bytes and reports it
         return None

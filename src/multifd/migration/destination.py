@@ -218,6 +218,7 @@ class Destination:
                 if remaining <= 0:
                     self._setup_timed_out(arrivals)
                 stalled_since = self._check_stragglers(stalled_since)
+                self._check_ram_setup(arrivals)
                 arrivals.wait(min(remaining, _POLL))
                 while not self._all_here(arrivals) and (identified := arrivals.pop()):
                     if waiting:
@@ -251,6 +252,19 @@ class Destination:
             f"point for {STRAGGLER_GRACE:g} s without {', '.join(missing)}: does the source "
             f"use multifd with {self.channels} channels?",
             channel=missing[0],
+        )
+
+    def _check_ram_setup(self, arrivals: Arrivals) -> None:
+        """Fail once the source's ``ram`` setup ended STRAGGLER_GRACE seconds ago on the main
+        channel and no multifd channel came: none will (see Arrivals). Some that came and
+        others missing are _check_stragglers' to name."""
+        ended = arrivals.ram_setup_ended
+        if arrivals.multifd or ended is None or time.monotonic() - ended < STRAGGLER_GRACE:
+            return
+        raise ChannelError(
+            f"the source ended its RAM setup {STRAGGLER_GRACE:g} s ago and none of the "
+            f"{self.channels} multifd channels has arrived: is multifd off at the source?",
+            channel=MAIN,
         )
 
     def _all_here(self, arrivals: Arrivals) -> bool:
