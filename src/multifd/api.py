@@ -202,6 +202,7 @@ def receive(
     into: Ram | None = None,
     tls: TlsConfig | None = None,
     on_listening: Callable[[str], None] | None = None,
+    on_refused: Callable[[ChannelRefused], None] | None = None,
     trace: TraceHook | None = None,
 ) -> Received:
     """Listen at ``address`` and receive one migration.
@@ -220,6 +221,8 @@ def receive(
             client certificate signed by the CA; other connections are refused (logged)
             and the migration goes on waiting for the right source.
         on_listening: called with the real address once connections are accepted.
+        on_refused: called with each connection refused during setup, as it is (they are
+            also in :attr:`Received.refused`).
         trace: sees every packet and marker received.
         prealloc: block names and sizes to allocate and pre-fault before listening, as a
             QEMU destination is started with its RAM; the source must announce exactly these.
@@ -248,6 +251,7 @@ def receive(
         setup_timeout=setup_timeout,
         limits=limits,
         trace=trace,
+        on_refused=on_refused,
     )
     listen_at = parse_address(address, tls=tls)
     if tls is not None:

@@ -160,13 +160,14 @@ def receive(
             limits=limits,
             tls=tls,
             on_listening=listening,
+            on_refused=lambda refusal: err.print(  # while it waits: it may wait long
+                f"refused {refusal.peer}: {refusal.reason}", markup=False, soft_wrap=True
+            ),
             prealloc=dict(_split_prealloc(spec) for spec in prealloc),
         )
     except MultifdError as exc:
         _fail(exc)
     try:
-        for refusal in result.refused:  # strangers turned away while the source connected
-            err.print(f"refused {refusal.peer}: {refusal.reason}", markup=False, soft_wrap=True)
         print_stats(err, result.stats, as_json=as_json)
     finally:
         result.ram.close()

@@ -13,22 +13,27 @@ the first bytes the destination read to classify the channel (TLS cannot peek). 
 TCP never goes through this module.
 
 Server handshakes are driven without blocking (:class:`ServerHandshake`), so a client that
-never finishes its handshake holds up nobody. A TLS 1.3 client considers its handshake done
-before the server has checked the client's certificate; :func:`client_handshake` therefore
-waits (briefly) for the server's session ticket, which the server sends only after it
-accepted the certificate, or for its alert, so that a refused source says why at once.
+never finishes its handshake holds up nobody.
+
+Nothing but the handshake goes from the destination to the source on a channel (and the
+return path's messages on the main one), as between two QEMUs: the server sends no TLS 1.3
+session ticket. A QEMU source never reads its multifd channels, and a socket closed with
+unread bytes is reset, which drops whatever it still had in flight (measured: QEMU 7.2
+into a destination that sent one ticket lost 1287 of 8192 pages, "unexpected EOF in page
+data"). So a source cannot wait for a sign that its certificate was accepted (a TLS 1.3
+client finishes its handshake before the server checks the certificate); if it was
+refused, the server's alert waits in the socket, and the first read or write that fails
+on that channel reports it (:class:`TlsRefused`).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import select
 import selectors
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +47,6 @@ if TYPE_CHECKING:
 # Buffers smaller than this are gathered into one TLS record instead of one record (and one
 # write) each: the main channel writes many records of a few bytes.
 _GATHER: Final = 16 << 10
-# How long a client waits for the server's verdict on its certificate (ticket or alert)
-# before it goes on without it; a server that sends no ticket costs this much per channel.
-_VERDICT_WAIT: Final = 2.0
-# The sender waits for one ticket as the proof that its certificate was accepted.
-_TICKETS: Final = 1
 _LOCK_INIT: Final = threading.Lock()  # makes the creation of a TlsSocket's _io_lock atomic
 _CLIENT_ALERTS: Final = {
     "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the receiver requires a client certificate",
@@ -54,6 +54,9 @@ _CLIENT_ALERTS: Final = {
     "SSLV3_ALERT_BAD_CERTIFICATE": "the receiver rejected our certificate",
     "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the receiver says our certificate has expired",
     "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the receiver rejected our certificate",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE": (
+        "the receiver rejected our certificate as unfit for a source (extendedKeyUsage)"
+    ),
 }
 
 
@@ -108,7 +111,7 @@ class TlsConfig:
         """The destination's context: TLS 1.3, a client certificate signed by :attr:`ca`."""
         context = self._context(server=True)
         context.verify_mode = ssl.CERT_REQUIRED
-        context.num_tickets = _TICKETS
+        context.num_tickets = 0  # the source never reads them (see the module docstring)
         return context
 
     @functools.cached_property
@@ -186,6 +189,11 @@ class TlsSocket(ssl.SSLSocket):
                     raise
                 except ValueError as exc:  # the SSL object is gone: the socket was closed
                     raise OSError(errno.EBADF, "TLS socket closed") from exc
+                except ssl.SSLError as exc:
+                    refused = _refusal(exc)
+                    if refused is None:
+                        raise
+                    raise refused from exc
                 if count == 0:
                     break
                 got += count
@@ -252,6 +260,33 @@ class TlsSocket(ssl.SSLSocket):
             super().sendall(data)
         except ValueError as exc:  # the SSL object is gone: the socket was closed
             raise OSError(errno.EBADF, "TLS socket closed") from exc
+        except (ConnectionError, ssl.SSLError) as exc:
+            refused = self._alert()
+            if refused is not None:
+                raise refused from exc
+            if isinstance(exc, ssl.SSLEOFError) and not self.server_side:
+                # QEMU checks a client's certificate after the handshake and, if it refuses
+                # it, closes the connection without an alert.
+                cut = "TLS session cut short (QEMU does so when it refuses our certificate)"
+                raise ConnectionResetError(errno.ECONNRESET, cut) from exc
+            raise
+
+    def _alert(self) -> TlsRefused | None:
+        """The server's refusal of our certificate, if its alert waits unread (a failed
+        write does not read it); called under ``_io_lock``."""
+        if self.server_side:
+            return None
+        timeout = self.gettimeout()
+        self.settimeout(0.0)
+        try:
+            super().recv(1)
+        except ssl.SSLError as exc:
+            return _refusal(exc)
+        except (OSError, ValueError):
+            return None
+        finally:
+            self.settimeout(timeout)
+        return None
 
     def shutdown(self, how: int) -> None:
         """Shut the socket down for every thread; a sender first says goodbye to its peer.
@@ -291,6 +326,20 @@ class TlsSocket(ssl.SSLSocket):
             lock.release()
 
 
+class TlsRefused(ConnectionRefusedError):
+    """The destination refused this source's certificate: its TLS alert, read by a call
+    that failed after the handshake (see the module docstring)."""
+
+
+def _refusal(exc: ssl.SSLError) -> TlsRefused | None:
+    """The refusal an alert from the server means; None for another error."""
+    reason = exc.reason or ""
+    if "ALERT" not in reason:
+        return None
+    meaning = _CLIENT_ALERTS.get(reason, "the receiver refused this source")
+    return TlsRefused(errno.ECONNREFUSED, f"TLS: {meaning} ({reason})")
+
+
 def _flat(view: memoryview) -> memoryview:
     return view if view.ndim == 1 and view.format == "B" else view.cast("B")
 
@@ -306,7 +355,6 @@ def client_handshake(
             destination's certificate is not trusted or not for ``server_name``, or the
             destination refused our certificate. ``sock`` is closed then.
     """
-    deadline = time.monotonic() + timeout
     tls = config.client_context.wrap_socket(
         sock, server_hostname=server_name, do_handshake_on_connect=False
     )
@@ -314,32 +362,11 @@ def client_handshake(
     try:
         tls.settimeout(timeout)
         tls.do_handshake()
-        _await_verdict(tls, deadline)
         tls.settimeout(None)
     except (OSError, ValueError) as exc:
         tls.close()
         raise ChannelError(_client_failure(exc, server_name, timeout), channel=channel) from exc
     return tls
-
-
-def _await_verdict(tls: TlsSocket, deadline: float) -> None:
-    """Wait for the server's session ticket (accepted) or its alert (refused), bounded."""
-    tls.settimeout(0.0)
-    poller = select.poll()
-    poller.register(tls, select.POLLIN)
-    end = min(deadline, time.monotonic() + _VERDICT_WAIT)
-    while (remaining := end - time.monotonic()) > 0:
-        poller.poll(max(1, int(remaining * 1000)))
-        try:
-            data = tls.recv(1)
-        except ssl.SSLWantReadError:
-            session = tls.session
-            if session is not None and session.has_ticket:
-                return
-            continue
-        if not data:
-            raise ssl.SSLEOFError(ssl.SSL_ERROR_EOF, "EOF after the handshake")
-        raise ssl.SSLError(ssl.SSL_ERROR_SSL, "the receiver sent data on a migration channel")
 
 
 def _client_failure(exc: BaseException, server_name: str, timeout: float) -> str:

@@ -47,7 +47,7 @@ def attempt(address: str, context: ssl.SSLContext | None, first: bytes) -> str:
     try:
         if context is not None:
             sock = context.wrap_socket(sock, server_hostname="localhost")
-            sock.recv(4096)  # the refusal; the session ticket alone would time out here
+            sock.recv(4096)  # the refusal (a destination sends nothing else)
         sock.sendall(first)
         while sock.recv(4096):
             pass

@@ -107,11 +107,12 @@ def test_a_source_with_an_untrusted_certificate_hears_why(pki: Pki) -> None:
         multifd.send(address, source, channels=2, tls=pki.stranger)
     cause = info.value.__cause__
     assert isinstance(cause, ChannelError)
-    assert cause.channel == "main"
-    assert "does not trust our certificate (unknown CA)" in str(cause)
+    assert cause.channel in {"main", "multifd/0", "multifd/1"}  # the first to fail
+    assert "TLS: the receiver does not trust our certificate (unknown CA)" in str(cause)
     multifd.send(address, source, channels=2, tls=pki.source)
-    (refused,) = _received(receiver, source).refused
-    assert "unable to get local issuer certificate" in refused.reason
+    refused = _received(receiver, source).refused
+    assert refused
+    assert all("unable to get local issuer certificate" in r.reason for r in refused)
 
 
 def test_the_source_checks_the_destination_name(pki: Pki) -> None:

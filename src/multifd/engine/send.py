@@ -35,8 +35,9 @@ from multifd.engine.stats import ChannelCounters, Counters
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import ConfigError, MultifdError, multifd_channel
 from multifd.ram import RamBlock
-from multifd.transport import set_io_timeout, write_buffers
+from multifd.transport import send_all, set_io_timeout, write_buffers
 from multifd.wire.constants import (
+    INIT_PACKET_SIZE,
     MAX_COMPRESSED_PAYLOAD,
     PACKET_HEADER_SIZE,
     PAGE_SIZE,
@@ -108,9 +109,10 @@ class _SendChannel:
     # -- the thread ------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            init = InitPacket(self.index, self.owner.uuid).pack()
-            self._write([init], len(init))
-            self.counters.bytes += len(init)
+            if not self.owner.greeted:
+                init = InitPacket(self.index, self.owner.uuid).pack()
+                self._write([init], len(init))
+            self.counters.bytes += INIT_PACKET_SIZE
             self.owner.channels_ready.release()
             while self._wait_for_work():
                 self._serve(self._transition(SendEvent.WAKE))
@@ -227,6 +229,18 @@ class _SendChannel:
             emit(self.owner.trace, "send", self.name, packet=packet)
 
 
+def greet(sock: socket.socket, index: int, uuid: bytes, *, timeout: float) -> None:
+    """Write the init packet of channel ``index``, as a source does as soon as the channel
+    is connected: a QEMU destination reads it before it takes the next connection, and over
+    TLS that includes the next handshake (see :class:`Sender`'s ``greeted``).
+
+    Raises:
+        ChannelError: the write failed, naming the channel.
+    """
+    init = InitPacket(index, uuid).pack()
+    send_all(sock, [init], channel=multifd_channel(index), timeout=timeout)
+
+
 class Sender(Stoppable):
     """The multifd channels of a migration source (QEMU ``multifd_send_state``).
 
@@ -248,6 +262,8 @@ class Sender(Stoppable):
         packets_per_job: at most this many packets are handed to a channel at once (each
             still a packet of at most 128 pages with its own header); None for 4, or 16
             with compression.
+        greeted: every channel's init packet was written already (:func:`greet`); the
+            threads then start with the pages.
     """
 
     def __init__(
@@ -262,6 +278,7 @@ class Sender(Stoppable):
         io_timeout: float = 30.0,
         name: str = "send",
         packets_per_job: int | None = None,
+        greeted: bool = False,
     ) -> None:
         if not channels:
             raise ConfigError("a Sender needs at least one channel")
@@ -278,6 +295,7 @@ class Sender(Stoppable):
         self.trace = trace
         self.io_timeout = io_timeout
         self.name = name
+        self.greeted = greeted
         if packets_per_job is None:
             compressed = compression != "none"
             packets_per_job = COMPRESSED_PACKETS_PER_JOB if compressed else PACKETS_PER_JOB

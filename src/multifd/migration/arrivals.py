@@ -286,6 +286,12 @@ class Arrivals:
                     event, stream.RamEos | stream.RamMultifdFlush
                 ):
                     self.ram_setup_ended = time.monotonic()
+                if isinstance(event, stream.Eof):
+                    # Nothing past the stream's end is read here: over TLS that is the
+                    # source's close_notify, and a session that took it in can no longer
+                    # send our SHUT (seen: "EOF occurred in violation of protocol").
+                    self._stop_reading_main()
+                    return None
         except ProtocolError:
             self._stop_reading_main()  # the loader decodes the same bytes and reports it
         return None

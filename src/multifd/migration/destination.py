@@ -94,6 +94,7 @@ class Destination:
         setup_timeout: seconds for the main and all multifd channels to arrive.
         limits: what the source may announce and how connections may behave.
         trace: sees every packet and marker received.
+        on_refused: told about each connection refused during setup, as it is.
 
     Attributes:
         refused: the connections refused during setup (TLS failures, strangers, extra
@@ -111,6 +112,7 @@ class Destination:
         setup_timeout: float = 60.0,
         limits: ReceiveLimits | None = None,
         trace: TraceHook | None = None,
+        on_refused: Callable[[ChannelRefused], None] | None = None,
     ) -> None:
         self.channels = channels
         self.output = output
@@ -122,6 +124,7 @@ class Destination:
         self.trace = trace
         self._backpressure: Callable[[], None] | None = None  # for the receiver (Incoming)
         self.refused: list[ChannelRefused] = []
+        self._on_refused = on_refused
         self.ram = Ram()
         self._preallocated: tuple[tuple[str, int], ...] | None = None
         self._blocks_announced = False
@@ -211,7 +214,7 @@ class Destination:
             expected=1 + self.channels,
             limits=self.limits,
             io_timeout=self.io_timeout,
-            on_refused=self.refused.append,
+            on_refused=self._refuse,
         ) as arrivals:
             while not self._all_here(arrivals):
                 remaining = deadline - time.monotonic()
@@ -234,6 +237,11 @@ class Destination:
             log.info("all %d channels connected", 1 + self.channels)
             arrivals.refuse_the_rest()
             return arrivals.take_main(_POLL)
+
+    def _refuse(self, refused: ChannelRefused) -> None:
+        self.refused.append(refused)
+        if self._on_refused is not None:
+            self._on_refused(refused)
 
     def _check_stragglers(self, since: float | None) -> float | None:
         """Fail once the channels that arrived have waited at a SYNC for STRAGGLER_GRACE

@@ -39,7 +39,7 @@ import numpy.typing as npt
 
 from multifd import transport
 from multifd.address import Address
-from multifd.engine.send import Sender
+from multifd.engine.send import Sender, greet
 from multifd.engine.trace import TraceHook, emit
 from multifd.errors import MAIN, ChannelError, MigrationFailed, multifd_channel
 from multifd.migration.pacing import Pacer
@@ -194,12 +194,14 @@ class Source:
         self._sockets.append(main_sock)
         main_sock.settimeout(self.io_timeout)
         # QEMU 7.2 takes the first connection as the main channel: the multifd channels
-        # are opened only once the main one is connected (spec 2.2).
+        # are opened only once the main one is connected (spec 2.2). Each says which one
+        # it is at once: QEMU reads that before it goes on to the next connection.
         for index in range(self.channels):
             sock = transport.connect(
                 address, timeout=connect_timeout, channel=multifd_channel(index)
             )
             self._sockets.append(sock)
+            greet(sock, index, self.uuid, timeout=self.io_timeout)
         self._main = MainChannel(main_sock, trace=self.trace, timeout=self.io_timeout)
         if self.channels:
             self._sender = Sender(
@@ -210,6 +212,7 @@ class Source:
                 detect_zero_pages=self.profile.zero_pages is ZeroPageMode.MULTIFD,
                 trace=self.trace,
                 io_timeout=self.io_timeout,
+                greeted=True,
             )
             self._sender.start()
 
