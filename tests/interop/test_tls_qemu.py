@@ -128,6 +128,7 @@ def test_multifd_send_tls_into_qemu_destination(
     assert result.returncode == 0, result.stderr
     assert destination.wait_for_status("completed", TIMEOUT).status == "completed"
     assert ram_mismatch(source_file, destination.ram_path) is None
+    assert destination.log() == ""  # e.g. no complaint about a TLS session cut short
 
 
 @pytest.mark.parametrize("version", VERSIONS)
