@@ -23,7 +23,7 @@ from multifd.ram import Ram
 from multifd.tls import TlsConfig
 from multifd.wire.compat import PROFILES
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message, any width
 
 
 def _fail(exc: BaseException) -> NoReturn:

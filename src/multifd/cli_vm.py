@@ -21,7 +21,7 @@ from multifd.errors import MultifdError
 from multifd.migration.recording import Manifest, record, replay
 from multifd.migration.relay import AS_SOURCE, OUT_PEERS, OutSettings, RelayStats, relay
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message, any width
 _MIB = 1 << 20
 
 Command = Callable[..., None]
