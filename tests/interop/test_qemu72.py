@@ -126,53 +126,6 @@ def test_qemu_source_with_fewer_channels_fails_both_ends_at_its_first_sync(
     assert "does the source use multifd with 4 channels?" in result.stderr
 
 
-def test_qemu_source_with_multifd_off_fails_both_ends_at_its_first_page(
-    make_vm: MakeVm, ram_image: MakeImage, tmp_path: Path
-) -> None:
-    # A source with multifd off into a destination told 2 channels used to wait for the
-    # whole setup timeout (60 s, beyond TIMEOUT); now its first page on the main channel
-    # tells it, during setup.
-    source_file = ram_image(SIZE, seed=14)
-    output = tmp_path / "received"
-    source, receiver = _receive_from_qemu(
-        make_vm, source_file, output, channels=0, receiver_channels=2
-    )
-    with receiver:
-        result = receiver.wait(TIMEOUT)
-        with pytest.raises(QemuError, match="migration failed"):
-            source.wait_for_status("completed", TIMEOUT)
-    assert result.returncode == 1
-    assert "main: RAM page on the main channel" in result.stderr
-    assert "while 0 of 2 multifd channels had arrived: is multifd off" in result.stderr
-
-
-def test_qemu_source_with_multifd_off_and_zero_ram_fails_both_ends_after_its_setup(
-    make_vm: MakeVm, tmp_path: Path
-) -> None:
-    # A fresh guest: every page zero, so 7.2 sends none on the main channel, only ZERO
-    # records. The end of its RAM setup, with no channel 5 s later, tells. (The return path
-    # lets QEMU hear it: without it, 7.2 reports completed once its bytes left.)
-    source_file = tmp_path / "zero.ram"
-    with source_file.open("wb") as image:
-        image.truncate(SIZE)
-    output = tmp_path / "received"
-    output.mkdir()
-    args = receive_args("tcp:127.0.0.1:0", channels=2, output=output)
-    with MultifdProcess(args, timeout=TIMEOUT) as receiver:
-        uri = as_uri(receiver.listening_address(TIMEOUT))
-        source = make_vm(SIZE, ram_file=source_file, name="src")
-        source.set_capabilities(multifd=False, return_path=True)
-        source.migrate(uri)
-        result = receiver.wait(TIMEOUT)
-        with pytest.raises(QemuError, match="migration failed"):
-            source.wait_for_status("completed", TIMEOUT)
-    assert result.returncode == 1
-    assert (
-        "the source ended its RAM setup 5 s ago and none of the 2 multifd channels" in result.stderr
-    )
-    assert "is multifd off at the source" in result.stderr
-
-
 @pytest.mark.parametrize("channels", CHANNELS)
 def test_multifd_send_into_qemu_destination(
     make_vm: MakeVm, ram_image: MakeImage, channels: int

@@ -18,14 +18,17 @@ What these cases pin down (each failed before its fix):
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.interop.cli import MultifdProcess, as_uri, receive_args, send_args
+from multifd.tls import TlsConfig
+from tests.interop.cli import CliResult, MultifdProcess, as_uri, receive_args, send_args
 from tests.interop.qemu import BLOCK_NAME, QemuError, QemuVm, ram_mismatch
 from tests.tls.pki import Pki, make_pki
 
@@ -75,108 +78,102 @@ def _configure(vm: QemuVm, channels: int) -> None:
     vm.set_parameters(**{"tls-creds": CREDS})
 
 
+@dataclass
+class Migration:
+    """A QEMU source migrating into ``multifd receive``, which writes ``received``."""
+
+    source: QemuVm
+    receiver: MultifdProcess
+    received: Path
+
+
+@dataclass
+class _Case:
+    """One case's QEMU and paths: ``request`` finds the QEMU of ``version``."""
+
+    request: pytest.FixtureRequest
+    pki: Pki
+    folder: Path
+    version: str
+
+    @contextlib.contextmanager
+    def qemu_source(self, image: Path, *, cert: str, channels: int) -> Iterator[Migration]:
+        """``multifd receive`` with TLS, and a QEMU source presenting ``cert`` that has
+        started migrating into it."""
+        output = self.folder / "received"
+        output.mkdir()
+        args = receive_args("tcp:127.0.0.1:0", channels=channels, output=output)
+        with MultifdProcess([*args, *self.pki.dest.cli_args()], timeout=TIMEOUT) as receiver:
+            uri = as_uri(receiver.listening_address(TIMEOUT))
+            creds = _qemu_creds(self.pki, self.folder / "creds", endpoint="client", name=cert)
+            make = _factory(self.request, self.version)
+            source = make(SIZE, ram_file=image, name="src", extra_args=creds)
+            _configure(source, channels)
+            source.migrate(uri)
+            yield Migration(source, receiver, output / BLOCK_NAME)
+
+    def into_qemu(self, image: Path, *, tls: TlsConfig, channels: int) -> tuple[QemuVm, CliResult]:
+        """A QEMU destination with TLS, and how ``multifd send`` with ``tls`` into it ended."""
+        creds = _qemu_creds(self.pki, self.folder / "creds", endpoint="server", name="dest")
+        make = _factory(self.request, self.version)
+        destination = make(SIZE, name="dst", incoming=True, extra_args=creds)
+        _configure(destination, channels)
+        peer = f"qemu-{self.version}"
+        args = send_args(destination.listen(), {BLOCK_NAME: image}, channels=channels, peer=peer)
+        with MultifdProcess([*args, *tls.cli_args()], timeout=TIMEOUT) as sender:
+            return destination, sender.wait(TIMEOUT)
+
+
+@pytest.fixture(params=VERSIONS)
+def case(request: pytest.FixtureRequest, pki: Pki, tmp_path: Path) -> _Case:
+    return _Case(request, pki, tmp_path, request.param)
+
+
 @pytest.mark.parametrize("channels", CHANNELS)
-@pytest.mark.parametrize("version", VERSIONS)
 def test_qemu_tls_source_into_multifd_receive(
-    request: pytest.FixtureRequest,
-    *,
-    pki: Pki,
-    ram_image: Callable[..., Path],
-    tmp_path: Path,
-    version: str,
-    channels: int,
+    case: _Case, ram_image: Callable[..., Path], channels: int
 ) -> None:
-    source_file = ram_image(SIZE, seed=70 + channels)
-    output = tmp_path / "received"
-    output.mkdir()
-    args = receive_args("tcp:127.0.0.1:0", channels=channels, output=output)
-    with MultifdProcess([*args, *pki.dest.cli_args()], timeout=TIMEOUT) as receiver:
-        uri = as_uri(receiver.listening_address(TIMEOUT))
-        creds = _qemu_creds(pki, tmp_path / "creds", endpoint="client", name="source")
-        source = _factory(request, version)(
-            SIZE, ram_file=source_file, name="src", extra_args=creds
-        )
-        _configure(source, channels)
-        source.migrate(uri)
-        source.wait_for_status("completed", TIMEOUT)
-        result = receiver.wait(TIMEOUT)
+    image = ram_image(SIZE, seed=70 + channels)
+    with case.qemu_source(image, cert="source", channels=channels) as migration:
+        migration.source.wait_for_status("completed", TIMEOUT)
+        result = migration.receiver.wait(TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert "refused" not in result.stderr
-    assert ram_mismatch(source_file, output / BLOCK_NAME) is None
+    assert ram_mismatch(image, migration.received) is None
 
 
 @pytest.mark.parametrize("channels", CHANNELS)
-@pytest.mark.parametrize("version", VERSIONS)
 def test_multifd_send_tls_into_qemu_destination(
-    request: pytest.FixtureRequest,
-    *,
-    pki: Pki,
-    ram_image: Callable[..., Path],
-    tmp_path: Path,
-    version: str,
-    channels: int,
+    case: _Case, ram_image: Callable[..., Path], channels: int
 ) -> None:
-    source_file = ram_image(SIZE, seed=80 + channels)
-    creds = _qemu_creds(pki, tmp_path / "creds", endpoint="server", name="dest")
-    destination = _factory(request, version)(SIZE, name="dst", incoming=True, extra_args=creds)
-    _configure(destination, channels)
-    uri = destination.listen()
-    peer = f"qemu-{version}"
-    args = send_args(uri, {BLOCK_NAME: source_file}, channels=channels, peer=peer)
-    with MultifdProcess([*args, *pki.source.cli_args()], timeout=TIMEOUT) as sender:
-        result = sender.wait(TIMEOUT)
+    image = ram_image(SIZE, seed=80 + channels)
+    destination, result = case.into_qemu(image, tls=case.pki.source, channels=channels)
     assert result.returncode == 0, result.stderr
     assert destination.wait_for_status("completed", TIMEOUT).status == "completed"
-    assert ram_mismatch(source_file, destination.ram_path) is None
+    assert ram_mismatch(image, destination.ram_path) is None
     assert destination.log() == ""  # e.g. no complaint about a TLS session cut short
 
 
-@pytest.mark.parametrize("version", VERSIONS)
 def test_a_qemu_source_with_a_stranger_certificate_is_refused(
-    request: pytest.FixtureRequest,
-    pki: Pki,
-    ram_image: Callable[..., Path],
-    tmp_path: Path,
-    version: str,
+    case: _Case, ram_image: Callable[..., Path]
 ) -> None:
-    source_file = ram_image(SIZE, seed=90)
-    output = tmp_path / "received"
-    output.mkdir()
-    args = receive_args("tcp:127.0.0.1:0", channels=2, output=output)
-    with MultifdProcess([*args, *pki.dest.cli_args()], timeout=TIMEOUT) as receiver:
-        uri = as_uri(receiver.listening_address(TIMEOUT))
-        creds = _qemu_creds(pki, tmp_path / "creds", endpoint="client", name="stranger")
-        source = _factory(request, version)(
-            SIZE, ram_file=source_file, name="src", extra_args=creds
-        )
-        _configure(source, 2)
-        source.migrate(uri)
+    with case.qemu_source(ram_image(SIZE, seed=90), cert="stranger", channels=2) as migration:
         with pytest.raises(QemuError, match="migration failed"):
-            source.wait_for_status("completed", TIMEOUT)
-        receiver.close()  # it waits on for the source it was started for
-        assert receiver.result is not None
+            migration.source.wait_for_status("completed", TIMEOUT)
+        migration.receiver.close()  # it waits on for the source it was started for
+        stderr = migration.receiver.wait().stderr
     # Printed as they happen: the receiver waits on for its source.
-    refusals = re.findall(r"^refused 127\.0\.0\.1:\d+: (.*)$", receiver.result.stderr, re.M)
-    assert refusals, receiver.result.stderr
+    refusals = re.findall(r"^refused 127\.0\.0\.1:\d+: (.*)$", stderr, re.M)
+    assert refusals, stderr
     assert set(refusals) == {"client certificate rejected: unable to get local issuer certificate"}
 
 
-@pytest.mark.parametrize("version", VERSIONS)
 def test_multifd_send_with_a_stranger_certificate_hears_why_from_qemu(
-    request: pytest.FixtureRequest,
-    pki: Pki,
-    ram_image: Callable[..., Path],
-    tmp_path: Path,
-    version: str,
+    case: _Case, ram_image: Callable[..., Path]
 ) -> None:
-    source_file = ram_image(SIZE, seed=91)
-    creds = _qemu_creds(pki, tmp_path / "creds", endpoint="server", name="dest")
-    destination = _factory(request, version)(SIZE, name="dst", incoming=True, extra_args=creds)
-    _configure(destination, 2)
-    uri = destination.listen()
-    args = send_args(uri, {BLOCK_NAME: source_file}, channels=2, peer=f"qemu-{version}")
-    with MultifdProcess([*args, *pki.stranger.cli_args()], timeout=TIMEOUT) as sender:
-        result = sender.wait(TIMEOUT)
+    destination, result = case.into_qemu(
+        ram_image(SIZE, seed=91), tls=case.pki.stranger, channels=2
+    )
     assert result.returncode == 1
     # QEMU checks the certificate after the handshake and closes without an alert.
     assert "TLS session cut short (QEMU does so when it refuses our certificate)" in (
