@@ -351,6 +351,34 @@ def test_unknown_full_section_names_its_idstr() -> None:
     assert "timer" in str(error.expected)
 
 
+def _tail_decoder(data: bytes) -> tuple[s.StreamDecoder, list[Event]]:
+    decoder = s.StreamDecoder(tail_from_unknown=True)
+    decoder.feed(data)
+    return decoder, list(decoder.events())
+
+
+def test_an_unknown_section_after_the_ram_end_starts_the_tail() -> None:
+    """A real machine's device state: handed over undecoded, from the section's first byte."""
+    ram_end = s.section_end(RAM_ID) + s.ram_eos() + s.section_footer(RAM_ID)
+    device = s.section_full(5, "cpu_common", 0, 1) + bytes(9) + s.section_footer(5)
+    tail = device + s.timer_section(0) + s.eof() + s.vmdescription(b"{}")
+    decoder, events = _tail_decoder(prologue() + ram_end + tail[:7])
+    assert events[-1] == s.SectionFooter(RAM_ID)
+    assert not decoder.in_tail  # its idstr is not complete yet
+    decoder.feed(tail[7:])
+    assert list(decoder.events()) == []  # nothing of the device section
+    assert decoder.in_tail
+    assert decoder.take_tail() == tail
+    decoder.close()
+    assert s.ends_with_eof(tail, description=True)
+
+
+def test_an_unknown_section_before_the_ram_end_is_still_an_error() -> None:
+    data = prologue() + s.section_full(5, "cpu_common", 0, 1) + bytes(9)
+    with pytest.raises(ProtocolError, match="unknown FULL section"):
+        _tail_decoder(data)
+
+
 def test_full_section_version_mismatch() -> None:
     error = decode_error(prologue() + s.section_full(0, "timer", 0, 3) + bytes(24))
     assert (error.expected, error.received) == (2, 3)

@@ -6,7 +6,11 @@ the multifd magic for the others) and multifd channels are handed to the
 :class:`~multifd.engine.recv.Receiver`, which reads their init packets and starts one thread
 each. Once the main channel and all N multifd channels are there, the loader decodes the
 main stream: ``MEM_SIZE`` creates the blocks, PAGE and ZERO records are applied in place,
-and each sync marker runs the receiver's two-phase barrier.
+and each sync marker runs the receiver's two-phase barrier. A real machine's device state
+follows the ``ram`` section, in sections only its own QEMU can decode (their lengths are in
+its vmstate descriptions): from the first section without a parser on, the rest is an
+undecoded tail, checked only to end with EOF (and a VM description), and dropped; a relay
+or a recorder (:mod:`multifd.migration.incoming`) passes it on instead.
 
 Connections are accepted, authenticated (TLS) and identified by
 :mod:`multifd.migration.arrivals`, which refuses strangers without failing the migration;
@@ -65,6 +69,9 @@ log = logging.getLogger("multifd.destination")
 
 _RECV_CHUNK: Final = 1 << 20
 _POLL: Final = 0.25  # seconds between liveness checks while a channel is quiet
+# The end of an undecoded tail kept for the EOF check: room for the largest VM description
+# the decoder accepts.
+_TAIL_CHECK: Final = (16 << 20) + 16
 # Once the multifd channels that arrived all wait at a SYNC, those still missing get this
 # long before the setup fails (rather than after the whole setup timeout): a source opens
 # its channels together, so by then a channel still missing is one it does not have, or one
@@ -133,9 +140,16 @@ class Destination:
         self.sync_mode: SyncMode | None = None
         self._receiver: Receiver | None = None
         self._main: socket.socket | None = None
+        # A real machine's device state follows the ram section: sections we have no
+        # parser for (only the machine's own QEMU can decode them) start the tail.
         self._decoder = stream.StreamDecoder(
-            MAIN, max_blocks=self.limits.max_blocks, max_name_len=self.limits.max_name_len
+            MAIN,
+            max_blocks=self.limits.max_blocks,
+            max_name_len=self.limits.max_name_len,
+            tail_from_unknown=True,
         )
+        self.tail_bytes = 0  # bytes of the stream's undecoded tail
+        self._tail_end = bytearray()  # its last bytes, for the EOF check
         self._flush_seen = False
         self._eof_seen = False
         # The source opened QEMU's return path: the loader thread, the only one that
@@ -339,7 +353,17 @@ class Destination:
                 break
             quiet_since = time.monotonic()
             ended = self._decode(view[:count])
-        if not self._eof_seen:
+        if self._decoder.in_tail:
+            if not stream.ends_with_eof(self._tail_end):
+                raise ProtocolError(
+                    "end of the stream after the ram section",
+                    channel=MAIN,
+                    expected="QEMU_VM_EOF, then a VM description or nothing",
+                    received=(
+                        f"{self.tail_bytes} bytes ending {bytes(self._tail_end[-16:]).hex()}"
+                    ),
+                )
+        elif not self._eof_seen:
             raise ProtocolError(
                 "main stream", channel=MAIN, expected="QEMU_VM_EOF", received="end of stream"
             )
@@ -364,6 +388,14 @@ class Destination:
     def _drain_events(self) -> None:
         while (event := self._decoder.next_event()) is not None:
             self._handle(event)
+        if self._decoder.in_tail and (data := self._decoder.take_tail()):
+            self.tail_bytes += len(data)
+            self._tail_end += data
+            del self._tail_end[:-_TAIL_CHECK]
+            self._tail(data)
+
+    def _tail(self, data: bytes) -> None:
+        """Bytes of the undecoded tail, in order: a plain destination drops them."""
 
     def _handle(self, event: stream.Event) -> None:
         match event:
@@ -420,9 +452,11 @@ class Destination:
 
         A source with a return path waits for our SHUT before it closes anything; ours
         half-closes after its last byte, QEMU does not. The VM description is the last
-        record QEMU sends. A subclass that hands the end of the stream over undecoded (a
-        relay) must tell its end from the bytes it forwards, or wait for the source's EOF.
+        record QEMU sends. In an undecoded tail, the end is a whole VM description after
+        EOF (EOF alone could be a chance byte of device state).
         """
+        if self._decoder.in_tail:
+            return stream.ends_with_eof(self._tail_end, description=True)
         return self._vmdesc_seen
 
     def _open_return_path(self) -> None:

@@ -19,19 +19,15 @@ With ``track_changes`` each block notes the pages whose writes have landed
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 from multifd import transport
-from multifd.errors import MAIN, ProtocolError
+from multifd.errors import MAIN
 from multifd.migration.destination import Destination
 from multifd.migration.source import RamSection
 from multifd.ram import RamBlock
 from multifd.wire import stream
 from multifd.wire.constants import MIG_CMD_SWITCHOVER_START
-
-# The end of the passed-through tail kept to check that it ends with EOF: room for the
-# largest VM description the decoder accepts.
-_TAIL_CHECK: Final = (16 << 20) + 16
 
 
 class StreamSink(Protocol):
@@ -92,9 +88,7 @@ class Incoming(Destination):
         )
         self.ram_section: RamSection | None = None
         self.switchover_seen = False
-        self.tail_bytes = 0
         self._in_end = False
-        self._tail_end = bytearray()  # the tail's last bytes, for the EOF check
 
     @property
     def peer_uuid(self) -> bytes | None:
@@ -145,26 +139,9 @@ class Incoming(Destination):
     def _at_marker(self, marker: str) -> None:
         self.sink.marker(marker, in_end=self._in_end)
 
-    def _drain_events(self) -> None:
-        super()._drain_events()
-        if self._decoder.in_tail and (data := self._decoder.take_tail()):
-            self.tail_bytes += len(data)
-            self._tail_end += data
-            del self._tail_end[:-_TAIL_CHECK]
-            self.sink.tail(data)
-
-    def _stream_ended(self) -> bool:
-        # A QEMU source with a return path keeps its socket open until our SHUT: the end
-        # is a whole VM description closing the tail (EOF alone could be a chance byte).
-        return self._decoder.in_tail and stream.ends_with_eof(self._tail_end, description=True)
+    def _tail(self, data: bytes) -> None:
+        self.sink.tail(data)
 
     def _load(self, early: bytes = b"") -> None:
-        super()._load(early)
-        if not stream.ends_with_eof(self._tail_end):
-            raise ProtocolError(
-                "end of the stream after the ram section",
-                channel=MAIN,
-                expected="QEMU_VM_EOF, then a VM description or nothing",
-                received=f"{self.tail_bytes} bytes ending {bytes(self._tail_end[-16:]).hex()}",
-            )
+        super()._load(early)  # checks that the tail ends the stream whole
         self.sink.end_of_stream()

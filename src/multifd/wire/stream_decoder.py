@@ -132,6 +132,9 @@ class StreamDecoder:
             :attr:`raw` keeps.
         tail_after_ram: after the footer of the ``ram`` END, decode nothing more: the
             rest is read with :meth:`take_tail`.
+        tail_from_unknown: once the ``ram`` END is closed, a FULL section with no parser
+            starts the tail: it and the rest (a real machine's device state) are read with
+            :meth:`take_tail`, where they would be an error.
 
     Not thread-safe: one thread feeds and drains a decoder.
     """
@@ -147,6 +150,7 @@ class StreamDecoder:
         sections: Mapping[str, SectionParser] = DEFAULT_SECTIONS,
         keep_raw: Collection[type[Event]] = (),
         tail_after_ram: bool = False,
+        tail_from_unknown: bool = False,
     ) -> None:
         self.channel: Final = channel
         self._max_blocks = max_blocks
@@ -156,6 +160,7 @@ class StreamDecoder:
         self._sections = dict(sections)
         self._keep_raw = frozenset(keep_raw)
         self._tail_after_ram = tail_after_ram
+        self._tail_from_unknown = tail_from_unknown
         self._raw: bytes | None = None
         self._buf = bytearray()
         self._pos = 0  # first unconsumed byte of _buf
@@ -198,11 +203,11 @@ class StreamDecoder:
 
     @property
     def in_tail(self) -> bool:
-        """Whether the ``ram`` END has been closed in ``tail_after_ram`` mode."""
+        """Whether the tail has started (``tail_after_ram``, ``tail_from_unknown``)."""
         return self._state is _State.TAIL
 
     def take_tail(self) -> bytes:
-        """The bytes fed after the ``ram`` END's footer and not taken yet (``tail_after_ram``).
+        """The bytes of the tail fed and not taken yet.
 
         Empty before the tail starts. The bytes are not decoded: whatever they hold is
         for the final destination to judge.
@@ -425,6 +430,9 @@ class StreamDecoder:
         if kind == QEMU_VM_SECTION_START:
             return self._start_ram(end, section_id, idstr, instance_id, version_id)
         parser = self._sections.get(idstr)
+        if parser is None and self._tail_from_unknown and any(self._started.values()):
+            self._state = _State.TAIL  # from this section's first byte, still unconsumed
+            return None
         if parser is None:
             known = ", ".join(sorted(self._sections)) or "none"
             raise self._error_at("unknown FULL section", f"one of: {known}", repr(idstr))
