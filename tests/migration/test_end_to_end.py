@@ -10,7 +10,7 @@ import pytest
 import multifd
 from multifd.engine.trace import TraceEvent
 from multifd.errors import ChannelError, ProtocolError
-from multifd.migration import destination
+from multifd.migration import destination, setup_watch
 from tests.migration.helpers import PAGE, ReceiverThread, assert_same, make_ram, migrate_locally
 
 SIZES = {"mem": 256 * PAGE, "rom": 37 * PAGE}  # 37: a batch that is not a multiple of 128
@@ -115,7 +115,7 @@ def test_a_source_with_fewer_channels_fails_once_those_wait_at_a_sync(
 ) -> None:
     """A destination told 4 channels, a source using 2: both fail as soon as the 2 wait at
     their SYNC for the grace period, not after the whole setup timeout (an hour here)."""
-    monkeypatch.setattr(destination, "STRAGGLER_GRACE", 0.2)
+    monkeypatch.setattr(setup_watch, "STRAGGLER_GRACE", 0.2)
     source = make_ram(6, SIZES)
     receiver = ReceiverThread({"channels": 4, "setup_timeout": 3600.0})
     address = receiver.start("tcp:127.0.0.1:0")
@@ -146,7 +146,7 @@ def test_a_source_with_multifd_off_fails_both_ends_during_setup(
     monkeypatch: pytest.MonkeyPatch, peer: str, image: str
 ) -> None:
     """Not after the whole setup timeout (an hour here)."""
-    monkeypatch.setattr(destination, "STRAGGLER_GRACE", 0.2)
+    monkeypatch.setattr(setup_watch, "STRAGGLER_GRACE", 0.2)
     if image == "mixed":
         source = make_ram(7, SIZES)
     else:

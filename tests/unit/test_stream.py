@@ -364,7 +364,7 @@ def test_an_unknown_section_after_the_ram_end_starts_the_tail() -> None:
     tail = device + s.timer_section(0) + s.eof() + s.vmdescription(b"{}")
     decoder, events = _tail_decoder(prologue() + ram_end + tail[:7])
     assert events[-1] == s.SectionFooter(RAM_ID)
-    assert not decoder.in_tail  # its idstr is not complete yet
+    assert decoder.take_tail() == b""  # no tail yet: the idstr is not complete
     decoder.feed(tail[7:])
     assert list(decoder.events()) == []  # nothing of the device section
     assert decoder.in_tail

@@ -40,7 +40,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Final, NoReturn
+from typing import Final
 from urllib.parse import quote
 
 from multifd import transport
@@ -58,6 +58,7 @@ from multifd.errors import (
 )
 from multifd.migration.arrivals import Arrivals
 from multifd.migration.limits import ReceiveLimits
+from multifd.migration.setup_watch import SetupWatch
 from multifd.migration.stats import ChannelStats, MigrationStats, Status
 from multifd.ram import Ram, RamBlock
 from multifd.wire import return_path as rp
@@ -72,12 +73,6 @@ _POLL: Final = 0.25  # seconds between liveness checks while a channel is quiet
 # The end of an undecoded tail kept for the EOF check: room for the largest VM description
 # the decoder accepts.
 _TAIL_CHECK: Final = (16 << 20) + 16
-# Once the multifd channels that arrived all wait at a SYNC, those still missing get this
-# long before the setup fails (rather than after the whole setup timeout): a source opens
-# its channels together, so by then a channel still missing is one it does not have, or one
-# whose connection was retried (the kernel's first SYN retry comes after 1 s, the next 2 s
-# later).
-STRAGGLER_GRACE: Final = 5.0
 
 ListeningHook = Callable[[Address], None]
 
@@ -220,9 +215,8 @@ class Destination:
     # -- setup: accept and classify ---------------------------------------------------------
     def _accept_channels(self, listener: transport.Listener) -> tuple[socket.socket, bytes]:
         """The main channel, once every channel is here, and what it sent meanwhile."""
-        deadline = time.monotonic() + self.setup_timeout
+        watch = SetupWatch(self.channels, self.setup_timeout, self.refused)
         waiting = True  # for the source's first connection
-        stalled_since: float | None = None  # when the channels that arrived last all parked
         with Arrivals(
             listener,
             expected=1 + self.channels,
@@ -231,12 +225,8 @@ class Destination:
             on_refused=self._refuse,
         ) as arrivals:
             while not self._all_here(arrivals):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._setup_timed_out(arrivals)
-                stalled_since = self._check_stragglers(stalled_since)
-                self._check_ram_setup(arrivals)
-                arrivals.wait(min(remaining, _POLL))
+                watch.check(arrivals, self._receiver)
+                arrivals.wait(min(watch.remaining(), _POLL))
                 while not self._all_here(arrivals) and (identified := arrivals.pop()):
                     if waiting:
                         # The migration's clock starts when its source shows up: waiting
@@ -257,55 +247,8 @@ class Destination:
         if self._on_refused is not None:
             self._on_refused(refused)
 
-    def _check_stragglers(self, since: float | None) -> float | None:
-        """Fail once the channels that arrived have waited at a SYNC for STRAGGLER_GRACE
-        seconds without the rest; returns when that wait began (None: not waiting)."""
-        missing = self._receiver.stalled_short() if self._receiver is not None else None
-        if missing is None:
-            return None
-        now = time.monotonic()
-        if since is None:
-            return now
-        if now - since < STRAGGLER_GRACE:
-            return since
-        arrived = self.channels - len(missing)
-        raise ChannelError(
-            f"{arrived} of {self.channels} multifd channels arrived and have waited at a sync "
-            f"point for {STRAGGLER_GRACE:g} s without {', '.join(missing)}: does the source "
-            f"use multifd with {self.channels} channels?",
-            channel=missing[0],
-        )
-
-    def _check_ram_setup(self, arrivals: Arrivals) -> None:
-        """Fail once the source's ``ram`` setup ended STRAGGLER_GRACE seconds ago on the main
-        channel and no multifd channel came: none will (see Arrivals). Some that came and
-        others missing are _check_stragglers' to name."""
-        ended = arrivals.ram_setup_ended
-        if arrivals.multifd or ended is None or time.monotonic() - ended < STRAGGLER_GRACE:
-            return
-        raise ChannelError(
-            f"the source ended its RAM setup {STRAGGLER_GRACE:g} s ago and none of the "
-            f"{self.channels} multifd channels has arrived: is multifd off at the source?",
-            channel=MAIN,
-        )
-
     def _all_here(self, arrivals: Arrivals) -> bool:
         return arrivals.main is not None and arrivals.multifd == self.channels
-
-    def _setup_timed_out(self, arrivals: Arrivals) -> NoReturn:
-        refused = ""
-        if self.refused:
-            refused = f"; {len(self.refused)} connection(s) refused, the last: {self.refused[-1]}"
-        if arrivals.main is None:
-            raise ChannelError(
-                f"no main channel within {self.setup_timeout:g} s{refused}", channel=MAIN
-            )
-        raise ChannelError(
-            f"{arrivals.multifd} of {self.channels} multifd channels arrived within "
-            f"{self.setup_timeout:g} s; does the source use multifd with "
-            f"{self.channels} channels?{refused}",
-            channel="multifd",
-        )
 
     def _accept_multifd(self, sock: socket.socket) -> None:
         if self._receiver is None:
