@@ -534,6 +534,29 @@ def close_quietly(sock: socket.socket) -> None:
         sock.close()
 
 
+def close_after_last_write(sock: socket.socket) -> None:
+    """Close ``sock`` so that what was written last still arrives, ignoring errors.
+
+    A socket closed with received bytes unread resets the connection, and the reset can
+    overtake, and destroy, our last bytes still queued: a destination's SHUT(1) was lost
+    so, under load, where the source read "Connection reset by peer". So the write side is
+    ended first (FIN after the last bytes), what has arrived is read and dropped, without
+    waiting for more, and only then the socket is closed.
+    """
+    with contextlib.suppress(OSError, ValueError):  # the peer is gone: nothing to save
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.0)
+        dropped = 0
+        while dropped < _DRAIN_LIMIT and (data := sock.recv(1 << 16)):
+            dropped += len(data)
+    close_quietly(sock)
+
+
+# What close_after_last_write() reads and drops at most: a peer that keeps sending is not
+# waited for.
+_DRAIN_LIMIT: Final = 16 << 20
+
+
 # -- helpers ---------------------------------------------------------------------------------
 def _poll_ms(seconds: float) -> int:
     """A poll() timeout in ms that never rounds a positive wait down to a busy 0."""

@@ -202,7 +202,7 @@ class Destination:
             raise failed from exc
         finally:
             if self._main is not None:
-                transport.close_quietly(self._main)
+                transport.close_after_last_write(self._main)  # the SHUT must arrive
             if self._receiver is not None:
                 self._receiver.close()
         self.status = Status.COMPLETED
