@@ -227,9 +227,13 @@ class FaultProxy:
                 return
             try:
                 src, _ = self._listener.accept()
+            except OSError:
+                return  # the listener was closed: nothing to relay
+            try:
                 dst = socket.create_connection(self.target, timeout=BOUND)
             except OSError:
-                return  # the listener was closed, or the destination is gone: nothing to relay
+                src.close()  # the destination is gone (it may fail during setup)
+                return
             link = _Link(self, src, dst, len(self._links))
             with self._lock:
                 self._links.append(link)
