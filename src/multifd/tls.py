@@ -190,7 +190,7 @@ class TlsSocket(ssl.SSLSocket):
                 except ValueError as exc:  # the SSL object is gone: the socket was closed
                     raise OSError(errno.EBADF, "TLS socket closed") from exc
                 except ssl.SSLError as exc:
-                    refused = _refusal(exc)
+                    refused = None if self.server_side else _refusal(exc)
                     if refused is None:
                         raise
                     raise refused from exc
@@ -279,13 +279,14 @@ class TlsSocket(ssl.SSLSocket):
         timeout = self.gettimeout()
         self.settimeout(0.0)
         try:
-            super().recv(1)
+            data = super().recv(1)
         except ssl.SSLError as exc:
             return _refusal(exc)
         except (OSError, ValueError):
             return None
         finally:
             self.settimeout(timeout)
+        self.replay(data)  # a byte of the return path: the next read still gets it
         return None
 
     def shutdown(self, how: int) -> None:

@@ -171,3 +171,22 @@ def test_the_name_the_source_checks(pki: Pki) -> None:
     assert pki.config("source", hostname="dest.test").server_name("h", unix=True) == "dest.test"
     with pytest.raises(ConfigError, match="unix"):
         pki.source.server_name("", unix=True)
+
+
+def test_a_failed_write_keeps_the_bytes_it_looked_past_for_an_alert(pair: Pair) -> None:
+    """A write that fails makes the source look for the destination's alert; a byte of
+    application data it finds instead (the return path's SHUT) is read again later."""
+    client, server = pair
+    server.sendall(b"xyz")
+    client.sendall(b"unread")  # still unread at the close: the server's kernel resets
+    socket.socket.close(server)
+    with pytest.raises(ConnectionError):
+        _write_until_it_fails(client)
+    buffer = bytearray(3)
+    assert client.recv_into(buffer, 3, socket.MSG_WAITALL) == 3
+    assert bytes(buffer) == b"xyz"
+
+
+def _write_until_it_fails(sock: TlsSocket) -> None:
+    for _ in range(1000):  # a reset arrives within a few writes
+        sock.sendmsg([b"more data"])
