@@ -164,8 +164,10 @@ def test_a_qemu_source_with_a_stranger_certificate_is_refused(
         stderr = migration.receiver.wait().stderr
     # Printed as they happen: the receiver waits on for its source.
     refusals = re.findall(r"^refused 127\.0\.0\.1:\d+: (.*)$", stderr, re.M)
-    assert refusals, stderr
-    assert set(refusals) == {"client certificate rejected: unable to get local issuer certificate"}
+    rejected = "client certificate rejected: unable to get local issuer certificate"
+    assert rejected in refusals, stderr
+    # A channel QEMU opened meanwhile may be dropped by QEMU itself, mid-handshake.
+    assert set(refusals) <= {rejected, "closed during the TLS handshake"}, refusals
 
 
 def test_multifd_send_with_a_stranger_certificate_hears_why_from_qemu(
