@@ -6,13 +6,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
-from rich.console import Console
 
 from multifd import api, cli_vm
-from multifd.console import LiveView, describe_pass, print_stats
+from multifd.console import LiveView, describe_pass, err, fail, print_listening, print_stats
 from multifd.dirty import ShadowTracker
 from multifd.errors import MigrationCancelled, MultifdError
 from multifd.migration.limits import ReceiveLimits
@@ -22,14 +21,6 @@ from multifd.pausing import process_hooks
 from multifd.ram import Ram
 from multifd.tls import TlsConfig
 from multifd.wire.compat import PROFILES
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message, any width
-
-
-def _fail(exc: BaseException) -> NoReturn:
-    err.print(f"multifd: error: {exc}", markup=False, soft_wrap=True)
-    sys.exit(1)
-
 
 DOWNTIME_LIMIT = click.option(
     "--downtime-limit",
@@ -144,9 +135,6 @@ def receive(
 ) -> None:
     """Listen at ADDRESS (tcp:HOST:PORT or unix:PATH) and receive one migration."""
 
-    def listening(real: str) -> None:
-        err.print(f"listening on {real}", markup=False)
-
     tls = _tls(tls_cert, tls_key, tls_ca)
     try:
         limits = ReceiveLimits(max_ram=_parse_size(max_ram, "--max-ram")) if max_ram else None
@@ -159,14 +147,14 @@ def receive(
             io_timeout=io_timeout,
             limits=limits,
             tls=tls,
-            on_listening=listening,
+            on_listening=print_listening,
             on_refused=lambda refusal: err.print(  # while it waits: it may wait long
-                f"refused {refusal.peer}: {refusal.reason}", markup=False, soft_wrap=True
+                f"refused {refusal.peer}: {refusal.reason}", markup=False
             ),
             prealloc=dict(_split_prealloc(spec) for spec in prealloc),
         )
     except MultifdError as exc:
-        _fail(exc)
+        fail(exc)
     try:
         print_stats(err, result.stats, as_json=as_json)
     finally:
@@ -291,7 +279,7 @@ def send(
         err.print("multifd: cancelled", markup=False)
         sys.exit(130)
     except MultifdError as exc:
-        _fail(exc)
+        fail(exc)
     print_stats(err, stats, as_json=as_json)
 
 
@@ -374,7 +362,7 @@ def demo(
     try:
         ok = run_demo(settings, err)
     except MultifdError as exc:
-        _fail(exc)
+        fail(exc)
     sys.exit(0 if ok else 1)
 
 

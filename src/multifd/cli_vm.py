@@ -7,34 +7,21 @@ prints ``listening on ADDRESS`` as its first line on stderr, as ``receive`` does
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 import click
-from rich.console import Console
 
 from multifd.api import MAX_CHANNELS, parse_uuid
-from multifd.console import print_stats
+from multifd.console import err, fail, print_listening, print_stats
 from multifd.errors import MultifdError
 from multifd.migration.recording import Manifest, record, replay
 from multifd.migration.relay import AS_SOURCE, OUT_PEERS, OutSettings, RelayStats, relay
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message, any width
 _MIB = 1 << 20
 
 Command = Callable[..., None]
 _METHODS = click.Choice(["none", "zlib", "zstd"])
-
-
-def _fail(exc: BaseException) -> NoReturn:
-    err.print(f"multifd: error: {exc}", markup=False, soft_wrap=True)
-    sys.exit(1)
-
-
-def _listening(address: str) -> None:
-    err.print(f"listening on {address}", markup=False)
 
 
 def _incoming_options(func: Command) -> Command:
@@ -110,9 +97,9 @@ def relay_command(  # noqa: PLR0917 - click passes every option
         out = OutSettings(out_channels, out_compression, out_level, out_peer, parse_uuid(uuid),
                           return_path=out_return_path)  # fmt: skip
         stats = relay(listen, target, channels=channels, compression=compression, out=out,
-                      io_timeout=io_timeout, on_listening=_listening)  # fmt: skip
+                      io_timeout=io_timeout, on_listening=print_listening)  # fmt: skip
     except MultifdError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         click.echo(json.dumps(stats.to_json()))
     else:
@@ -141,9 +128,9 @@ def record_command(  # noqa: PLR0917 - click passes every option
     """Accept a migration at LISTEN and store the VM in DIRECTORY (RAM, device state)."""
     try:
         stats, manifest = record(listen, directory, channels=channels, compression=compression,
-                                 io_timeout=io_timeout, on_listening=_listening)  # fmt: skip
+                                 io_timeout=io_timeout, on_listening=print_listening)  # fmt: skip
     except MultifdError as exc:
-        _fail(exc)
+        fail(exc)
     print_stats(err, stats, as_json=as_json)
     if not as_json:
         _print_manifest(directory, manifest)
@@ -196,7 +183,7 @@ def replay_command(  # noqa: PLR0917 - click passes every option
                        level=level, peer=peer, uuid=parse_uuid(uuid), return_path=return_path,
                        io_timeout=io_timeout)  # fmt: skip
     except MultifdError as exc:
-        _fail(exc)
+        fail(exc)
     print_stats(err, stats, as_json=as_json)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from types import TracebackType
+from typing import NoReturn
 
 import click
 from rich.console import Console
@@ -14,6 +16,22 @@ from multifd.migration.stats import MigrationStats, PassStats
 from multifd.wire.constants import PAGE_SIZE
 
 MIB = 1 << 20
+
+# The commands' stderr: one line per message whatever its length (rich would wrap at 80
+# columns when stderr is not a terminal, and a script reading "listening on ADDRESS" would
+# get half of it).
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def fail(exc: BaseException) -> NoReturn:
+    """Say why a command failed, on stderr, and exit 1."""
+    err.print(f"multifd: error: {exc}", markup=False)
+    sys.exit(1)
+
+
+def print_listening(address: str) -> None:
+    """The first line of a listening command: ``listening on ADDRESS``."""
+    err.print(f"listening on {address}", markup=False)
 
 
 def print_stats(console: Console, stats: MigrationStats, *, as_json: bool) -> None:
