@@ -27,7 +27,7 @@ REPO: Final = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cpu import receiver_cpu, worker_cpu  # noqa: E402 - needs the repository root on sys.path
-from tests.interop.cli import MultifdProcess, as_uri, receive_args  # noqa: E402
+from tests.interop.cli import CpuTimes, MultifdProcess, as_uri, receive_args  # noqa: E402
 from tests.interop.qemu import BLOCK_NAME, QEMU_BINARY, ram_mismatch  # noqa: E402
 
 RESULTS: Final = Path(__file__).resolve().parent / "results"
@@ -47,10 +47,12 @@ class Row:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     samples: list[float] = field(default_factory=list)  # seconds of each run
-    source_cpu: list[float] = field(default_factory=list)  # CPU seconds of each run's source
-    destination_cpu: list[float] = field(default_factory=list)  # and of its destination
+    source_cpu: list[CpuTimes] = field(default_factory=list)  # CPU of each run's source
+    destination_cpu: list[CpuTimes] = field(default_factory=list)  # and of its destination
 
-    def add_cpu(self, *, source: float | None = None, destination: float | None = None) -> None:
+    def add_cpu(
+        self, *, source: CpuTimes | None = None, destination: CpuTimes | None = None
+    ) -> None:
         """Note one run's CPU seconds (see cpu.py); None: not measured."""
         if source is not None:
             self.source_cpu.append(source)

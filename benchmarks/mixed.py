@@ -51,7 +51,7 @@ import numpy as np
 # need the repository root too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpu import CPU_NOTE, CpuSpan, cpu_text, report_cpu
+from cpu import CPU_ALIGN, CPU_HEADER, CPU_NOTE, CpuSpan, cpu_text, report_cpu
 from harness import (
     FAST,
     MIB,
@@ -309,10 +309,10 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]], list[s
     refs = {s.method: mb_per_s(size, by_name.get(s.name)) for s in SPECS if s.reference}
     lines = [
         (
-            "| Row | MB/s | vs QEMU->QEMU (same method) | seconds | CPU-s per GiB: source, "
-            "destination | receiver peak RSS | result |"
+            "| Row | MB/s | vs QEMU->QEMU (same method) | seconds | "
+            f"{CPU_HEADER} | receiver peak RSS | result |"
         ),
-        "|---|---:|---:|---:|---:|---:|---|",
+        f"|---|---:|---:|---:|{CPU_ALIGN}|---:|---|",
     ]
     records, targets = [], []
     for row in rows:

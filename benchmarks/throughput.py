@@ -45,7 +45,7 @@ from typing import Any, Final, NoReturn
 # need the repository root too.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpu import CPU_NOTE, CpuSpan, cpu_text, report_cpu
+from cpu import CPU_ALIGN, CPU_HEADER, CPU_NOTE, CpuSpan, cpu_text, report_cpu
 from harness import (
     FAST,
     MIB,
@@ -344,10 +344,10 @@ def table(rows: list[Row], size: int) -> tuple[str, list[dict[str, Any]]]:
     by_name = {row.name: row for row in rows}
     qemu, raw = mb_per_s(size, by_name.get(QEMU_QEMU)), mb_per_s(size, by_name.get(RAW))
     head = (
-        "| Row | MB/s | vs QEMU->QEMU | vs raw | seconds | CPU-s per GiB: source, destination "
+        f"| Row | MB/s | vs QEMU->QEMU | vs raw | seconds | {CPU_HEADER} "
         "| receiver peak RSS | target | result |"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [head, f"|---|---:|---:|---:|---:|{CPU_ALIGN}|---:|---|---|"]
     records = []
     for row in rows:
         rate = mb_per_s(size, row)

@@ -31,8 +31,23 @@ _DRAIN_JOIN: Final = 5.0
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu(pid: int) -> float | None:
-    """CPU seconds (user + system, every thread) process ``pid`` used so far; None if gone.
+@dataclass(frozen=True, slots=True)
+class CpuTimes:
+    """CPU seconds of a process, every thread: in its own code and in the kernel for it."""
+
+    user: float
+    system: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+    def __sub__(self, earlier: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.user - earlier.user, self.system - earlier.system)
+
+
+def process_cpu(pid: int) -> CpuTimes | None:
+    """CPU seconds (user and system, every thread) process ``pid`` used so far; None if gone.
 
     From ``/proc/PID/stat``, in clock ticks (10 ms at the usual 100 Hz).
     """
@@ -41,7 +56,7 @@ def process_cpu(pid: int) -> float | None:
     except OSError:
         return None
     fields = stat.rpartition(")")[2].split()  # the command name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+    return CpuTimes(int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS)
 
 
 class CliError(Exception):
@@ -148,7 +163,7 @@ class MultifdProcess:
         )
         self._lines: list[str] = []
         self._line_times: list[float] = []  # time.time() when each stderr line arrived
-        self._line_cpu: list[float | None] = []  # process_cpu() of the child by then
+        self._line_cpu: list[CpuTimes | None] = []  # process_cpu() of the child by then
         self._first_line = threading.Event()  # signals: _lines[0] exists, or stderr hit EOF
         self._drain = threading.Thread(target=self._read_stderr, name="multifd-stderr")
         self._drain.start()
@@ -194,7 +209,7 @@ class MultifdProcess:
                 return when
         return None
 
-    def line_cpu(self, prefix: str) -> float | None:
+    def line_cpu(self, prefix: str) -> CpuTimes | None:
         """The child's CPU seconds when the first stderr line starting with ``prefix``
         arrived (after :meth:`wait`); None without such a line, or if it was gone by then."""
         assert self.result is not None, "line_cpu() needs the process to have ended"
