@@ -1,14 +1,16 @@
 """Suite-wide fixtures: every test fails if it leaves a thread running; ``zstd_backend``
-runs a test once per way of driving libzstd."""
+runs a test once per way of driving libzstd; ``pki`` makes the test certificates."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from multifd.compression import zstd
+from tests.tls.pki import Pki, make_pki
 
 # Threads get this long to finish after a test before they count as leaked; a thread
 # that is still alive then is a bug in the code under test (I6), never a slow machine.
@@ -40,3 +42,11 @@ def zstd_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     direct: bool = request.param
     monkeypatch.setattr(zstd, "use_libzstd", direct)
     return direct
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The session's certificates (see :mod:`tests.tls.pki`), made once."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is needed to make test certificates")
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -105,6 +105,34 @@ def parse_address(text: str, *, tls: TlsConfig | None = None) -> Address:
     raise ConfigError(f"bad address {text!r}: expected tcp:HOST:PORT or unix:PATH")
 
 
+def listen_address(text: str, tls: TlsConfig | None = None) -> Address:
+    """:func:`parse_address` for an end that listens; with ``tls``, its server context is
+    built at once, so that unreadable credentials fail before anything listens.
+
+    Raises:
+        ConfigError: a bad address or bad credentials.
+    """
+    address = parse_address(text, tls=tls)
+    if tls is not None:
+        _ = tls.server_context
+    return address
+
+
+def target_address(text: str, tls: TlsConfig | None = None) -> Address:
+    """:func:`parse_address` for an end that connects; with ``tls``, the name to check in
+    the destination's certificate and the client context are settled at once.
+
+    Raises:
+        ConfigError: a bad address, bad credentials, or a ``unix:`` address with TLS and
+            no :attr:`~multifd.tls.TlsConfig.hostname`.
+    """
+    address = parse_address(text, tls=tls)
+    if tls is not None:
+        tls.server_name(address.host, unix=address.kind == "unix")
+        _ = tls.client_context
+    return address
+
+
 def _split_host_port(rest: str) -> tuple[str, int]:
     if "," in rest:
         raise ConfigError("address options (',...') are not supported")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from multifd import transport
-from multifd.address import parse_address
+from multifd.address import listen_address, target_address
 from multifd.engine.trace import TraceHook
 from multifd.errors import ChannelRefused, ConfigError
 from multifd.migration.destination import Destination
@@ -149,10 +149,7 @@ def send(
         MigrationFailed: the migration failed; ``__cause__`` is the first error.
         MigrationCancelled: the migration was cancelled (Ctrl-C in the sending thread).
     """
-    target = parse_address(address, tls=tls)
-    if tls is not None:  # a ConfigError before anything starts
-        tls.server_name(target.host, unix=target.kind == "unix")
-        _ = tls.client_context
+    target = target_address(address, tls)  # a ConfigError before anything starts
     tracker = blocks if isinstance(blocks, Tracker) else StaticTracker(as_ram(blocks))
     migration = Precopy(
         tracker,
@@ -253,9 +250,7 @@ def receive(
         trace=trace,
         on_refused=on_refused,
     )
-    listen_at = parse_address(address, tls=tls)
-    if tls is not None:
-        _ = tls.server_context  # a ConfigError before listening
+    listen_at = listen_address(address, tls)  # a ConfigError before listening
     try:
         if into is not None:
             destination.adopt(into)

@@ -11,7 +11,16 @@ from typing import Any
 import click
 
 from multifd import api, cli_vm
-from multifd.console import LiveView, describe_pass, err, fail, print_listening, print_stats
+from multifd.cli_tls import tls_config, tls_options
+from multifd.console import (
+    LiveView,
+    describe_pass,
+    err,
+    fail,
+    print_listening,
+    print_refused,
+    print_stats,
+)
 from multifd.dirty import ShadowTracker
 from multifd.errors import MigrationCancelled, MultifdError
 from multifd.migration.limits import ReceiveLimits
@@ -19,7 +28,6 @@ from multifd.migration.precopy import Limits, StaticTracker, TimeoutPolicy, Trac
 from multifd.migration.stats import MigrationStats
 from multifd.pausing import process_hooks
 from multifd.ram import Ram
-from multifd.tls import TlsConfig
 from multifd.wire.compat import PROFILES
 
 DOWNTIME_LIMIT = click.option(
@@ -42,13 +50,6 @@ def _channels_option() -> Callable[[Callable[..., None]], Callable[..., None]]:
 
 
 def _common(func: Callable[..., None]) -> Callable[..., None]:
-    pem = click.Path(exists=True, dir_okay=False, path_type=Path)
-    for name, what in (
-        ("--tls-ca", "CA certificate (PEM) that signs the peer's certificate."),
-        ("--tls-key", "Private key (PEM) of --tls-cert."),
-        ("--tls-cert", "This end's certificate (PEM): every channel then runs TLS 1.3."),
-    ):
-        func = click.option(name, type=pem, default=None, help=what)(func)
     func = click.option(
         "--json",
         "as_json",
@@ -74,18 +75,6 @@ def _common(func: Callable[..., None]) -> Callable[..., None]:
         help="Seconds a channel may stall.",
     )(func)
     return _channels_option()(func)
-
-
-def _tls(
-    cert: Path | None, key: Path | None, ca: Path | None, hostname: str | None = None
-) -> TlsConfig | None:
-    if cert is not None and key is not None and ca is not None:
-        return TlsConfig(cert=cert, key=key, ca=ca, hostname=hostname)
-    if cert is not None or key is not None or ca is not None:
-        raise click.UsageError("TLS needs all of --tls-cert, --tls-key and --tls-ca")
-    if hostname is not None:
-        raise click.UsageError("--tls-hostname needs --tls-cert, --tls-key and --tls-ca")
-    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -118,6 +107,7 @@ def main(verbose: bool) -> None:
     metavar="SIZE",
     help="Most RAM the source may announce, e.g. 64G (default: this machine's memory).",
 )
+@tls_options("tls", "source", hostname=False)
 @_common
 def receive(
     address: str,
@@ -135,7 +125,7 @@ def receive(
 ) -> None:
     """Listen at ADDRESS (tcp:HOST:PORT or unix:PATH) and receive one migration."""
 
-    tls = _tls(tls_cert, tls_key, tls_ca)
+    tls = tls_config("tls", tls_cert, tls_key, tls_ca)
     try:
         limits = ReceiveLimits(max_ram=_parse_size(max_ram, "--max-ram")) if max_ram else None
         result = api.receive(
@@ -148,9 +138,7 @@ def receive(
             limits=limits,
             tls=tls,
             on_listening=print_listening,
-            on_refused=lambda refusal: err.print(  # while it waits: it may wait long
-                f"refused {refusal.peer}: {refusal.reason}", markup=False
-            ),
+            on_refused=print_refused,
             prealloc=dict(_split_prealloc(spec) for spec in prealloc),
         )
     except MultifdError as exc:
@@ -205,12 +193,6 @@ def receive(
 )
 @click.option("--max-passes", type=click.IntRange(min=1), default=None)
 @click.option(
-    "--tls-hostname",
-    default=None,
-    help="Name the destination's certificate must carry (default: the host of ADDRESS; "
-    "required for unix: addresses).",
-)
-@click.option(
     "--timeout",
     type=click.FloatRange(min=0.001),
     default=None,
@@ -223,6 +205,7 @@ def receive(
     show_default=True,
     help="cancel: fail, the source keeps running; force: switch over anyway.",
 )
+@tls_options("tls", "destination", hostname=True)
 @_common
 def send(
     address: str,
@@ -256,7 +239,7 @@ def send(
     """
     if pause_pid is not None and not live:
         raise click.UsageError("--pause-pid needs --live")
-    tls = _tls(tls_cert, tls_key, tls_ca, tls_hostname)
+    tls = tls_config("tls", tls_cert, tls_key, tls_ca, tls_hostname)
     try:
         limits = Limits(
             downtime_limit=downtime_limit / 1e3,

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from multifd.api import MAX_CHANNELS, parse_uuid
-from multifd.console import err, fail, print_listening, print_stats
+from multifd.cli_tls import tls_config, tls_options
+from multifd.console import err, fail, print_listening, print_refused, print_stats
 from multifd.errors import MultifdError
 from multifd.migration.recording import Manifest, record, replay
 from multifd.migration.relay import AS_SOURCE, OUT_PEERS, OutSettings, RelayStats, relay
@@ -72,6 +73,8 @@ def _peer_option(name: str) -> Callable[[Command], Command]:
     show_default=True,
     help="Wait for TARGET's verdict (QEMU's return path) and pass it on to the source.",
 )
+@tls_options("out-tls", "target", hostname=True)
+@tls_options("tls", "source", hostname=False)
 @_incoming_options
 def relay_command(  # noqa: PLR0917 - click passes every option
     listen: str,
@@ -86,18 +89,29 @@ def relay_command(  # noqa: PLR0917 - click passes every option
     compression: str,
     io_timeout: float,
     as_json: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    out_tls_cert: Path | None,
+    out_tls_key: Path | None,
+    out_tls_ca: Path | None,
+    out_tls_hostname: str | None,
 ) -> None:
     """Accept a migration at LISTEN and forward it to the QEMU listening at TARGET.
 
     The RAM is re-encoded with the --out-* settings; the configuration and the device
     state are passed through unchanged. A failure on either side fails both: the source's
-    migration fails and its VM keeps running.
+    migration fails and its VM keeps running. Each side runs TLS when given its own
+    credentials: --tls-* towards the source, --out-tls-* towards TARGET.
     """
+    tls = tls_config("tls", tls_cert, tls_key, tls_ca)
+    out_tls = tls_config("out-tls", out_tls_cert, out_tls_key, out_tls_ca, out_tls_hostname)
     try:
         out = OutSettings(out_channels, out_compression, out_level, out_peer, parse_uuid(uuid),
                           return_path=out_return_path)  # fmt: skip
         stats = relay(listen, target, channels=channels, compression=compression, out=out,
-                      io_timeout=io_timeout, on_listening=print_listening)  # fmt: skip
+                      io_timeout=io_timeout, tls=tls, out_tls=out_tls,
+                      on_listening=print_listening, on_refused=print_refused)  # fmt: skip
     except MultifdError as exc:
         fail(exc)
     if as_json:
@@ -120,15 +134,18 @@ def _print_relay(stats: RelayStats) -> None:
 @click.command("record")
 @click.argument("listen")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@tls_options("tls", "source", hostname=False)
 @_incoming_options
 def record_command(  # noqa: PLR0917 - click passes every option
     listen: str, directory: Path, channels: int, compression: str, io_timeout: float,
-    as_json: bool,
+    as_json: bool, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
 ) -> None:  # fmt: skip
     """Accept a migration at LISTEN and store the VM in DIRECTORY (RAM, device state)."""
+    tls = tls_config("tls", tls_cert, tls_key, tls_ca)
     try:
         stats, manifest = record(listen, directory, channels=channels, compression=compression,
-                                 io_timeout=io_timeout, on_listening=print_listening)  # fmt: skip
+                                 io_timeout=io_timeout, tls=tls, on_listening=print_listening,
+                                 on_refused=print_refused)  # fmt: skip
     except MultifdError as exc:
         fail(exc)
     print_stats(err, stats, as_json=as_json)
@@ -161,6 +178,7 @@ def _print_manifest(directory: Path, manifest: Manifest) -> None:
     show_default=True,
     help="Wait for TARGET's verdict (QEMU's return path).",
 )
+@tls_options("tls", "target", hostname=True)
 @_common
 def replay_command(  # noqa: PLR0917 - click passes every option
     directory: Path,
@@ -173,15 +191,20 @@ def replay_command(  # noqa: PLR0917 - click passes every option
     return_path: bool,
     io_timeout: float,
     as_json: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    tls_hostname: str | None,
 ) -> None:
     """Send the VM recorded in DIRECTORY to the QEMU listening at TARGET.
 
     The recording is verified (manifest, sizes, SHA-256) before anything is sent.
     """
+    tls = tls_config("tls", tls_cert, tls_key, tls_ca, tls_hostname)
     try:
         stats = replay(directory, target, channels=channels, compression=compression,
                        level=level, peer=peer, uuid=parse_uuid(uuid), return_path=return_path,
-                       io_timeout=io_timeout)  # fmt: skip
+                       io_timeout=io_timeout, tls=tls)  # fmt: skip
     except MultifdError as exc:
         fail(exc)
     print_stats(err, stats, as_json=as_json)

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from multifd.errors import ChannelRefused
 from multifd.migration.stats import MigrationStats, PassStats
 from multifd.wire.constants import PAGE_SIZE
 
@@ -32,6 +33,12 @@ def fail(exc: BaseException) -> NoReturn:
 def print_listening(address: str) -> None:
     """The first line of a listening command: ``listening on ADDRESS``."""
     err.print(f"listening on {address}", markup=False)
+
+
+def print_refused(refusal: ChannelRefused) -> None:
+    """A connection refused while a listening command waits for its source's channels:
+    said as it happens, since the wait may be long."""
+    err.print(f"refused {refusal.peer}: {refusal.reason}", markup=False)
 
 
 def print_stats(console: Console, stats: MigrationStats, *, as_json: bool) -> None:

@@ -1,8 +1,7 @@
 """TLS against real QEMU 7.2 and 10.0: QEMU's ``tls-creds-x509`` with ours, both directions.
 
-QEMU reads its credentials from a folder of fixed file names (``ca-cert.pem``, and
-``server-cert.pem``/``server-key.pem`` or ``client-cert.pem``/``client-key.pem``), made here
-from the certificates of :mod:`tests.tls.pki`; both ends check the other's certificate
+QEMU's credentials are made from the certificates of :mod:`tests.tls.pki`
+(:meth:`~tests.tls.pki.Pki.qemu_creds`); both ends check the other's certificate
 (``verify-peer=on``). QEMU checks the destination's certificate against the host it dials,
 127.0.0.1, which the ``dest`` certificate names.
 
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import pytest
 from multifd.tls import TlsConfig
 from tests.interop.cli import CliResult, MultifdProcess, as_uri, receive_args, send_args
 from tests.interop.qemu import BLOCK_NAME, QemuError, QemuVm, ram_mismatch
-from tests.tls.pki import Pki, make_pki
+from tests.tls.pki import Pki
 
 pytestmark = pytest.mark.interop
 
@@ -42,30 +40,6 @@ VERSIONS = ["7.2", "10.0"]
 CHANNELS = [pytest.param(0, id="no-multifd"), 2]
 
 MakeVm = Callable[..., QemuVm]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl command is needed to make test certificates")
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-def _qemu_creds(pki: Pki, folder: Path, *, endpoint: str, name: str) -> list[str]:
-    """QEMU's ``-object tls-creds-x509`` for ``endpoint`` with certificate ``name``.
-
-    QEMU checks its own certificate against its CA file when it starts: the stranger's
-    folder lists the other CA too (its own), and still trusts ours.
-    """
-    folder.mkdir()
-    role = "server" if endpoint == "server" else "client"
-    cas = ["ca.pem", "other.pem"] if name == "stranger" else ["ca.pem"]
-    bundle = "".join((pki.folder / ca).read_text() for ca in cas)
-    (folder / "ca-cert.pem").write_text(bundle)
-    shutil.copy(pki.folder / f"{name}.pem", folder / f"{role}-cert.pem")
-    shutil.copy(pki.folder / f"{name}.key", folder / f"{role}-key.pem")
-    options = f"id={CREDS},dir={folder},endpoint={endpoint},verify-peer=on"
-    return ["-object", f"tls-creds-x509,{options}"]
 
 
 def _factory(request: pytest.FixtureRequest, version: str) -> MakeVm:
@@ -105,7 +79,9 @@ class _Case:
         args = receive_args("tcp:127.0.0.1:0", channels=channels, output=output)
         with MultifdProcess([*args, *self.pki.dest.cli_args()], timeout=TIMEOUT) as receiver:
             uri = as_uri(receiver.listening_address(TIMEOUT))
-            creds = _qemu_creds(self.pki, self.folder / "creds", endpoint="client", name=cert)
+            creds = self.pki.qemu_creds(
+                self.folder / "creds", endpoint="client", name=cert, creds_id=CREDS
+            )
             make = _factory(self.request, self.version)
             source = make(SIZE, ram_file=image, name="src", extra_args=creds)
             _configure(source, channels)
@@ -114,7 +90,9 @@ class _Case:
 
     def into_qemu(self, image: Path, *, tls: TlsConfig, channels: int) -> tuple[QemuVm, CliResult]:
         """A QEMU destination with TLS, and how ``multifd send`` with ``tls`` into it ended."""
-        creds = _qemu_creds(self.pki, self.folder / "creds", endpoint="server", name="dest")
+        creds = self.pki.qemu_creds(
+            self.folder / "creds", endpoint="server", name="dest", creds_id=CREDS
+        )
         make = _factory(self.request, self.version)
         destination = make(SIZE, name="dst", incoming=True, extra_args=creds)
         _configure(destination, channels)

@@ -8,6 +8,7 @@ import multifd
 from tests.interop.cli import as_uri
 from tests.migration.helpers import ReceiverThread, assert_same, make_ram
 from tests.relay.helpers import BOUND, vm_cli
+from tests.tls.pki import Pki
 
 LOCAL = "tcp:127.0.0.1:0"
 
@@ -62,3 +63,11 @@ def test_record_and_replay_commands(tmp_path: Path) -> None:
         refused = replay.wait()
     assert refused.returncode == 1
     assert f"{block}: 61440 bytes, the manifest says 65536" in refused.stderr
+
+
+def test_partial_outgoing_credentials_are_a_usage_error(pki: Pki) -> None:
+    args = ["relay", LOCAL, "tcp:127.0.0.1:9", "--out-tls-cert", str(pki.source.cert)]
+    with vm_cli(args, timeout=BOUND) as relay:
+        result = relay.wait()
+    assert result.returncode == 2
+    assert "TLS needs all of --out-tls-cert, --out-tls-key and --out-tls-ca" in result.stderr

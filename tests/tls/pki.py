@@ -7,6 +7,7 @@ Two CAs: ``ca`` signs the destination (``dest``, valid for ``localhost``, ``127.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,25 @@ class Pki:
     def impostor(self) -> TlsConfig:
         """A destination signed by the other CA, valid for the same names as ``dest``."""
         return self.config("impostor")
+
+    def qemu_creds(self, folder: Path, *, endpoint: str, name: str, creds_id: str) -> list[str]:
+        """QEMU's ``-object tls-creds-x509`` with id ``creds_id``, ``endpoint`` ``server``
+        or ``client``, presenting certificate ``name`` and checking its peer's.
+
+        QEMU reads its credentials from a folder of fixed file names (``ca-cert.pem``, and
+        ``server-cert.pem``/``server-key.pem`` or ``client-cert.pem``/``client-key.pem``),
+        made here in ``folder``. QEMU checks its own certificate against its CA file when
+        it starts: the stranger's folder lists the other CA too (its own), and still trusts
+        ours.
+        """
+        folder.mkdir()
+        role = "server" if endpoint == "server" else "client"
+        cas = ["ca.pem", "other.pem"] if name == "stranger" else ["ca.pem"]
+        (folder / "ca-cert.pem").write_text("".join((self.folder / ca).read_text() for ca in cas))
+        shutil.copy(self.folder / f"{name}.pem", folder / f"{role}-cert.pem")
+        shutil.copy(self.folder / f"{name}.key", folder / f"{role}-key.pem")
+        options = f"id={creds_id},dir={folder},endpoint={endpoint},verify-peer=on"
+        return ["-object", f"tls-creds-x509,{options}"]
 
 
 def make_pki(folder: Path) -> Pki:

@@ -32,14 +32,15 @@ from typing import IO, Any, Final, TypeVar
 import numpy as np
 
 from multifd import transport
-from multifd.address import Address, parse_address
-from multifd.errors import ConfigError, MigrationFailed, MultifdError
+from multifd.address import Address, listen_address, target_address
+from multifd.errors import ChannelRefused, ConfigError, MigrationFailed, MultifdError
 from multifd.migration.destination import block_filename
 from multifd.migration.incoming import Incoming
 from multifd.migration.relay import AS_SOURCE
 from multifd.migration.source import RamSection, Source
 from multifd.migration.stats import MigrationStats, Status
 from multifd.ram import Ram, RamBlock
+from multifd.tls import TlsConfig
 from multifd.wire import stream
 from multifd.wire.compat import PROFILES, PeerProfile, SyncMode, ZeroPageMode
 
@@ -191,6 +192,7 @@ class Recorder:
         compression: the source's compression method.
         io_timeout: seconds a channel may stall.
         setup_timeout: seconds for every channel to connect.
+        on_refused: told about each connection refused during setup, as it is.
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class Recorder:
         compression: str = "none",
         io_timeout: float = 30.0,
         setup_timeout: float = 60.0,
+        on_refused: Callable[[ChannelRefused], None] | None = None,
     ) -> None:
         if (directory / MANIFEST).exists():
             raise ConfigError(f"{directory} already holds a recording")
@@ -216,6 +219,7 @@ class Recorder:
             output=directory / RAM_DIR,
             io_timeout=io_timeout,
             setup_timeout=setup_timeout,
+            on_refused=on_refused,
         )
         # Owned by the thread in run().
         self._configuration: FileEntry | None = None
@@ -324,22 +328,31 @@ def record(
     compression: str = "none",
     io_timeout: float = 30.0,
     setup_timeout: float = 60.0,
+    tls: TlsConfig | None = None,
     on_listening: Callable[[str], None] | None = None,
+    on_refused: Callable[[ChannelRefused], None] | None = None,
 ) -> tuple[MigrationStats, Manifest]:
     """Listen at ``listen``, receive one migration and store it in ``directory``.
 
+    With ``tls`` (this end's credentials), every channel must run TLS 1.3; the recording
+    holds the migration's content, never its encryption. ``on_refused`` is told about each
+    connection refused during setup, as it is.
+
     Raises:
-        ConfigError: bad address, or ``directory`` already holds a recording.
+        ConfigError: bad address or credentials, or ``directory`` already holds a
+            recording.
         MigrationFailed: the migration failed (no manifest is written).
     """
+    listen_at = listen_address(listen, tls)
     recorder = Recorder(
         Path(directory),
         channels=channels,
         compression=compression,
         io_timeout=io_timeout,
         setup_timeout=setup_timeout,
+        on_refused=on_refused,
     )
-    with transport.listen(parse_address(listen)) as listener:
+    with transport.listen(listen_at) as listener:
         if on_listening is not None:
             on_listening(str(listener.address))
         return recorder.run(listener)
@@ -478,6 +491,7 @@ def replay(
     return_path: bool = True,
     io_timeout: float = 30.0,
     connect_timeout: float = 10.0,
+    tls: TlsConfig | None = None,
 ) -> MigrationStats:
     """Send a recording to the destination at ``target`` as a one-pass migration.
 
@@ -495,13 +509,14 @@ def replay(
             it completed.
         io_timeout: seconds a channel may stall.
         connect_timeout: seconds for each connection.
+        tls: this end's credentials: every channel then runs TLS 1.3 (see ``docs/tls.md``).
 
     Raises:
         RecordingError: the recording is missing, truncated or corrupt (nothing was sent).
         ConfigError: another argument is invalid.
         MigrationFailed: the migration failed.
     """
-    address = parse_address(target)
+    address = target_address(target, tls)
     if peer != AS_SOURCE and peer not in PROFILES:
         raise ConfigError(f"unknown peer {peer!r} (known: {AS_SOURCE}, {', '.join(PROFILES)})")
     with Recording.load(directory) as recording:

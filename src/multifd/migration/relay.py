@@ -41,25 +41,29 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
 from multifd import transport
-from multifd.address import Address, parse_address
-from multifd.errors import ConfigError, MigrationFailed, MultifdError
+from multifd.address import Address, listen_address, target_address
+from multifd.errors import ChannelRefused, ConfigError, MigrationFailed, MultifdError
 from multifd.migration.incoming import Incoming
+from multifd.migration.page_sets import (
+    Pages,
+    count_pages,
+    merge_pages,
+    split_pages,
+    take_changes,
+)
 from multifd.migration.source import RamSection, Source
 from multifd.migration.stats import ChannelStats, MigrationStats
 from multifd.ram import Ram
+from multifd.tls import TlsConfig
 from multifd.wire.compat import PROFILES, PeerProfile, SyncMode, ZeroPageMode
 
 log = logging.getLogger("multifd.relay")
 
-Pages = npt.NDArray[np.int64]
 _T = TypeVar("_T")
 
 AS_SOURCE: Final = "as-source"
@@ -156,37 +160,6 @@ class RelayStats:
                 for ch in self.outgoing
             ],
         }
-
-
-def take_changes(ram: Ram) -> dict[str, Pages]:
-    """The pages written in each block since the last take (blocks with none left out)."""
-    return {block.name: pages for block in ram if len(pages := block.take_changes())}
-
-
-def _merge(into: dict[str, Pages], more: Mapping[str, Pages]) -> dict[str, Pages]:
-    for name, pages in more.items():
-        held = into.get(name)
-        into[name] = pages if held is None else np.union1d(held, pages)
-    return into
-
-
-def _count(pages: Mapping[str, Pages]) -> int:
-    return sum(len(p) for p in pages.values())
-
-
-def _split(pages: Mapping[str, Pages], limit: int) -> tuple[dict[str, Pages], dict[str, Pages]]:
-    """The first ``limit`` pages (in block order), and the rest."""
-    first: dict[str, Pages] = {}
-    rest: dict[str, Pages] = {}
-    for name, numbers in pages.items():
-        room = limit - _count(first)
-        if room >= len(numbers):
-            first[name] = numbers
-        elif room > 0:
-            first[name], rest[name] = numbers[:room], numbers[room:]
-        else:
-            rest[name] = numbers
-    return first, rest
 
 
 class _Forwarder:
@@ -325,19 +298,19 @@ class _Forwarder:
             self.source.forward(*commands)
         if not self._held:
             self._held_since = time.monotonic()
-        self._held = _merge(self._held, take_changes(self.ram))
-        count = _count(self._held)
+        self._held = merge_pages(self._held, take_changes(self.ram))
+        count = count_pages(self._held)
         with self._cond:
             self._held_pages = count
         asked = wanted > self._done
         due = count >= _ROUND_PAGES or time.monotonic() - self._held_since >= _ROUND_WAIT
         if count and (asked or due):
-            pages, self._held = _split(self._held, _ROUND_MAX)
+            pages, self._held = split_pages(self._held, _ROUND_MAX)
             self.source.send_pass(pages)
             self.rounds += 1
-            self.pages += _count(pages)
+            self.pages += count_pages(pages)
             with self._cond:
-                self._held_pages = _count(self._held)
+                self._held_pages = count_pages(self._held)
                 self._cond.notify_all()  # a channel held back may go on
             if self._held:
                 return True  # the rest goes next, before the request counts as served
@@ -367,6 +340,8 @@ class Relay:
         io_timeout: seconds any channel, on either side, may stall.
         setup_timeout: seconds for every incoming channel to connect.
         connect_timeout: seconds for each outgoing connection.
+        on_refused: told about each incoming connection refused during setup (a source
+            whose TLS certificate is not trusted, say), as it is.
     """
 
     def __init__(
@@ -379,6 +354,7 @@ class Relay:
         io_timeout: float = 30.0,
         setup_timeout: float = 60.0,
         connect_timeout: float = 10.0,
+        on_refused: Callable[[ChannelRefused], None] | None = None,
     ) -> None:
         if out.peer != AS_SOURCE and out.peer not in PROFILES:
             known = ", ".join(OUT_PEERS)
@@ -395,6 +371,7 @@ class Relay:
             compression=compression,
             io_timeout=io_timeout,
             setup_timeout=setup_timeout,
+            on_refused=on_refused,
         )
         # Owned by the thread in run(); the incoming channels' threads read _forwarder
         # (set once, at the first marker) to hold themselves back.
@@ -539,12 +516,14 @@ class Relay:
     def _complete(self) -> None:
         began = time.monotonic()
         held = self._outgoing(lambda _: self._require_forwarder().stop())
-        pages = _merge(held, take_changes(self.incoming.ram))
+        pages = merge_pages(held, take_changes(self.incoming.ram))
         self._outgoing(lambda source: source.complete(pages))
-        self._pages += _count(pages)
+        self._pages += count_pages(pages)
         self._complete_ms = (time.monotonic() - began) * 1e3
         self._completed = True
-        log.info("outgoing ram complete: %d pages in %.1f ms", _count(pages), self._complete_ms)
+        log.info(
+            "outgoing ram complete: %d pages in %.1f ms", count_pages(pages), self._complete_ms
+        )
 
     def _require_forwarder(self) -> _Forwarder:
         assert self._forwarder is not None, "the forwarder starts at the first marker"
@@ -569,7 +548,10 @@ def relay(
     io_timeout: float = 30.0,
     setup_timeout: float = 60.0,
     connect_timeout: float = 10.0,
+    tls: TlsConfig | None = None,
+    out_tls: TlsConfig | None = None,
     on_listening: Callable[[str], None] | None = None,
+    on_refused: Callable[[ChannelRefused], None] | None = None,
 ) -> RelayStats:
     """Listen at ``listen``, accept one migration and relay it to ``target``.
 
@@ -582,22 +564,28 @@ def relay(
         io_timeout: seconds any channel may stall.
         setup_timeout: seconds for the source's channels to connect.
         connect_timeout: seconds for each outgoing connection.
+        tls: the relay's credentials towards the source: every incoming channel must then
+            run TLS 1.3 (see ``docs/tls.md``); None: plain sockets.
+        out_tls: its credentials towards ``target``, the same way; None: plain sockets.
         on_listening: called with the real listening address.
+        on_refused: told about each incoming connection refused during setup, as it is.
 
     Raises:
-        ConfigError: an address or setting is invalid.
+        ConfigError: an address, a setting or the credentials are invalid.
         MigrationFailed: the migration failed on either side (both are torn down).
     """
+    listen_at = listen_address(listen, tls)
     worker = Relay(
-        parse_address(target),
+        target_address(target, out_tls),
         out or OutSettings(),
         channels=channels,
         compression=compression,
         io_timeout=io_timeout,
         setup_timeout=setup_timeout,
         connect_timeout=connect_timeout,
+        on_refused=on_refused,
     )
-    with transport.listen(parse_address(listen)) as listener:
+    with transport.listen(listen_at) as listener:
         if on_listening is not None:
             on_listening(str(listener.address))
         return worker.run(listener)
