@@ -19,6 +19,7 @@ With TLS, each end passes its own credentials (see ``docs/tls.md``)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ from multifd.migration.destination import Destination
 from multifd.migration.limits import ReceiveLimits
 from multifd.migration.precopy import Hooks, Limits, Precopy, StaticTracker, Tracker
 from multifd.migration.stats import MigrationStats, PassStats
+from multifd.migration.ticker import Ticker
 from multifd.ram import Ram, RamBlock
 from multifd.tls import TlsConfig
 from multifd.wire.compat import profile
@@ -200,6 +202,8 @@ def receive(
     tls: TlsConfig | None = None,
     on_listening: Callable[[str], None] | None = None,
     on_refused: Callable[[ChannelRefused], None] | None = None,
+    progress: Callable[[MigrationStats], None] | None = None,
+    progress_interval: float = 0.25,
     trace: TraceHook | None = None,
 ) -> Received:
     """Listen at ``address`` and receive one migration.
@@ -220,6 +224,10 @@ def receive(
         on_listening: called with the real address once connections are accepted.
         on_refused: called with each connection refused during setup, as it is (they are
             also in :attr:`Received.refused`).
+        progress: called with a statistics snapshot every ``progress_interval`` seconds
+            from a thread of its own, from the moment the address listens, and once more
+            with the final figures when the migration has ended (also when it failed).
+        progress_interval: seconds between two ``progress`` calls.
         trace: sees every packet and marker received.
         prealloc: block names and sizes to allocate and pre-fault before listening, as a
             QEMU destination is started with its RAM; the source must announce exactly these.
@@ -259,7 +267,13 @@ def receive(
         with transport.listen(listen_at) as listener:
             if on_listening is not None:
                 on_listening(str(listener.address))
-            stats = destination.run(listener)
+            ticker = (
+                Ticker(destination.stats, progress, progress_interval)
+                if progress is not None
+                else contextlib.nullcontext()
+            )
+            with ticker:
+                stats = destination.run(listener)
     except BaseException:
         if into is None:
             destination.ram.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from multifd import api, cli_vm
 from multifd.cli_tls import tls_config, tls_options
 from multifd.console import (
     LiveView,
+    ReceiveView,
     describe_pass,
     err,
     fail,
@@ -126,21 +128,24 @@ def receive(
     """Listen at ADDRESS (tcp:HOST:PORT or unix:PATH) and receive one migration."""
 
     tls = tls_config("tls", tls_cert, tls_key, tls_ca)
+    show = err.is_terminal and not as_json
     try:
         limits = ReceiveLimits(max_ram=_parse_size(max_ram, "--max-ram")) if max_ram else None
-        result = api.receive(
-            address,
-            channels=channels,
-            output=output,
-            uuid=uuid,
-            compression=compression,
-            io_timeout=io_timeout,
-            limits=limits,
-            tls=tls,
-            on_listening=print_listening,
-            on_refused=print_refused,
-            prealloc=dict(_split_prealloc(spec) for spec in prealloc),
-        )
+        with ReceiveView(err) if show else contextlib.nullcontext() as view:
+            result = api.receive(
+                address,
+                channels=channels,
+                output=output,
+                uuid=uuid,
+                compression=compression,
+                io_timeout=io_timeout,
+                limits=limits,
+                tls=tls,
+                on_listening=print_listening,
+                on_refused=print_refused,
+                progress=view.update if view is not None else None,
+                prealloc=dict(_split_prealloc(spec) for spec in prealloc),
+            )
     except MultifdError as exc:
         fail(exc)
     try:

@@ -6,7 +6,7 @@ import json
 import sys
 import threading
 from types import TracebackType
-from typing import NoReturn
+from typing import NoReturn, Self
 
 import click
 from rich.console import Console
@@ -71,14 +71,14 @@ def describe_pass(report: PassStats) -> str:
     )
 
 
-class LiveView:
-    """A rich view of a running migration: the current pass, remaining bytes, channels.
+class _View:
+    """A rich view of a running migration: tasks made by the subclass, one bar a channel.
 
-    ``update`` and ``on_pass`` are called from the migrating thread; rich refreshes the
-    screen from its own thread, reading the tasks under its own lock.
+    ``update`` (the subclass's) runs on whichever thread reports progress; rich refreshes
+    the screen from its own thread, reading the tasks under its own lock.
     """
 
-    def __init__(self, console: Console, total_bytes: int) -> None:
+    def __init__(self, console: Console) -> None:
         self._console = console
         self._progress = Progress(
             TextColumn("{task.description:>12}"),
@@ -88,16 +88,9 @@ class LiveView:
             console=console,
             transient=True,
         )
-        self._lock = threading.Lock()  # guards the pass bookkeeping below
-        self._pass = 1
-        self._pass_pages = total_bytes // PAGE_SIZE
-        self._pages_before = 0  # pages sent before the current pass began
-        self._pass_task: TaskID = self._progress.add_task(
-            "pass 1", total=self._pass_pages, detail=""
-        )
         self._channel_tasks: dict[str, TaskID] = {}
 
-    def __enter__(self) -> LiveView:
+    def __enter__(self) -> Self:
         self._progress.start()
         return self
 
@@ -105,6 +98,34 @@ class LiveView:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._progress.stop()
+
+    def _show_channels(self, stats: MigrationStats) -> None:
+        top = max((ch.bytes for ch in stats.channels), default=1) or 1
+        for ch in stats.channels:
+            task = self._channel_tasks.get(ch.channel)
+            if task is None:
+                task = self._progress.add_task(ch.channel, total=top, detail="")
+                self._channel_tasks[ch.channel] = task
+            self._progress.update(
+                task, completed=ch.bytes, total=top, detail=f"{ch.bytes / MIB:.0f} MiB"
+            )
+
+
+class LiveView(_View):
+    """The sending side's view: the current pass, remaining bytes, channels.
+
+    ``update`` and ``on_pass`` are called from the migrating thread.
+    """
+
+    def __init__(self, console: Console, total_bytes: int) -> None:
+        super().__init__(console)
+        self._lock = threading.Lock()  # guards the pass bookkeeping below
+        self._pass = 1
+        self._pass_pages = total_bytes // PAGE_SIZE
+        self._pages_before = 0  # pages sent before the current pass began
+        self._pass_task: TaskID = self._progress.add_task(
+            "pass 1", total=self._pass_pages, detail=""
+        )
 
     def on_pass(self, report: PassStats) -> None:
         self._console.print(describe_pass(report), markup=False)
@@ -126,12 +147,31 @@ class LiveView:
             detail=f"{stats.remaining / MIB:.0f} MiB dirty, {rate:.0f} pages/s dirtied, "
             f"{stats.mbps / 8:.0f} MB/s",
         )
-        top = max((ch.bytes for ch in stats.channels), default=1) or 1
-        for ch in stats.channels:
-            task = self._channel_tasks.get(ch.channel)
-            if task is None:
-                task = self._progress.add_task(ch.channel, total=top, detail="")
-                self._channel_tasks[ch.channel] = task
-            self._progress.update(
-                task, completed=ch.bytes, total=top, detail=f"{ch.bytes / MIB:.0f} MiB"
-            )
+        self._show_channels(stats)
+
+
+class ReceiveView(_View):
+    """The receiving side's view: pages in against the RAM announced, the rate, the syncs
+    seen, and one bar a channel.
+
+    ``update`` is called from one progress thread (see :class:`multifd.migration.ticker.
+    Ticker`). A source that sends pages again in later passes fills the bar before the end:
+    it shows pages received, not pages left.
+    """
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console)
+        self._task: TaskID = self._progress.add_task("waiting", total=None, detail="")
+
+    def update(self, stats: MigrationStats) -> None:
+        pages = stats.normal + stats.duplicate
+        total = stats.total // PAGE_SIZE or None  # unknown until the source announces it
+        self._progress.update(
+            self._task,
+            description=stats.status.value,
+            total=total,
+            completed=min(pages, total) if total else pages,
+            detail=f"{stats.transferred / MIB:.0f} MiB in, {stats.mbps / 8:.0f} MB/s, "
+            f"{stats.dirty_sync_count} syncs",
+        )
+        self._show_channels(stats)

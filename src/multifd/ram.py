@@ -436,7 +436,8 @@ class Ram:
 
     @property
     def total_size(self) -> int:
-        return sum(block.size for block in self._blocks.values())
+        # A copy first: a progress thread may ask while the loader adds blocks.
+        return sum(block.size for block in tuple(self._blocks.values()))
 
     def close(self) -> None:
         for block in self._blocks.values():

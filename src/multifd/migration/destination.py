@@ -549,6 +549,8 @@ class Destination:
 
     # -- statistics -------------------------------------------------------------------------
     def stats(self) -> MigrationStats:
+        """A snapshot of the figures so far; safe from any thread while :meth:`run` runs
+        (each figure has one writer, and the channels' are copied under their lock)."""
         elapsed = (time.monotonic() - self._start) * 1e3 if self._start else 0.0
         main = ChannelStats(
             MAIN, pages=self._main_pages, zero_pages=self._zero_records, bytes=self._main_bytes

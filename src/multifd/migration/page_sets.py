@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-import numpy.typing as npt
 
+from multifd.migration.source import Pages
 from multifd.ram import Ram
 
-Pages = npt.NDArray[np.int64]
+__all__ = ["Pages", "count_pages", "merge_pages", "split_pages", "take_changes"]
 
 
 def take_changes(ram: Ram) -> dict[str, Pages]:
