@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -165,6 +166,8 @@ class MultifdProcess:
         self._line_times: list[float] = []  # time.time() when each stderr line arrived
         self._line_cpu: list[CpuTimes | None] = []  # process_cpu() of the child by then
         self._first_line = threading.Event()  # signals: _lines[0] exists, or stderr hit EOF
+        self._lines_changed = threading.Condition()  # signals: a line arrived, or stderr hit EOF
+        self._stderr_ended = False  # set by the drain thread under _lines_changed
         self._drain = threading.Thread(target=self._read_stderr, name="multifd-stderr")
         self._drain.start()
         self.result: CliResult | None = None
@@ -200,6 +203,25 @@ class MultifdProcess:
         if not line.startswith(LISTENING_PREFIX):
             raise CliError(f"first stderr line is {line!r}, expected {LISTENING_PREFIX!r}...")
         return line.removeprefix(LISTENING_PREFIX).strip()
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first stderr line that ``pattern`` matches (``re.search``), waiting up to
+        ``timeout`` for it; raises :class:`CliError` if none comes before then or EOF."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        with self._lines_changed:
+            while True:
+                found = next(filter(None, map(regex.search, self._lines)), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if self._stderr_ended or left <= 0:
+                    why = "closed its stderr" if self._stderr_ended else f"ran {timeout:g} s"
+                    raise CliError(
+                        f"{self._describe()} {why} without a line matching {pattern!r}: "
+                        f"{''.join(self._lines)[-500:]!r}"
+                    )
+                self._lines_changed.wait(left)
 
     def line_time(self, prefix: str) -> float | None:
         """When the first stderr line starting with ``prefix`` arrived (after :meth:`wait`)."""
@@ -248,8 +270,13 @@ class MultifdProcess:
             for raw in stream:
                 self._line_times.append(time.time())
                 self._line_cpu.append(process_cpu(self._proc.pid))
-                self._lines.append(raw.decode(errors="replace"))
+                with self._lines_changed:
+                    self._lines.append(raw.decode(errors="replace"))
+                    self._lines_changed.notify_all()
                 self._first_line.set()
+        with self._lines_changed:
+            self._stderr_ended = True
+            self._lines_changed.notify_all()
         self._first_line.set()
 
     def _describe(self) -> str:

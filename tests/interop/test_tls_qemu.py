@@ -138,6 +138,8 @@ def test_a_qemu_source_with_a_stranger_certificate_is_refused(
     with case.qemu_source(ram_image(SIZE, seed=90), cert="stranger", channels=2) as migration:
         with pytest.raises(QemuError, match="migration failed"):
             migration.source.wait_for_status("completed", TIMEOUT)
+        # QEMU may report its failure before the receiver has printed why it refused.
+        migration.receiver.wait_for_line("^refused .*: client certificate rejected", TIMEOUT)
         migration.receiver.close()  # it waits on for the source it was started for
         stderr = migration.receiver.wait().stderr
     # Printed as they happen: the receiver waits on for its source.

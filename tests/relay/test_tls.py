@@ -114,6 +114,8 @@ def test_the_relay_says_why_it_refuses_a_source_and_never_dials_the_target(
         src.migrate(as_uri(relay.listening_address(TIMEOUT)))
         with pytest.raises(QemuError, match="migration failed"):
             src.wait_for_status("completed", TIMEOUT)
+        # QEMU may report its failure before the relay has printed why it refused.
+        relay.wait_for_line("^refused .*: client certificate rejected", TIMEOUT)
         relay.close()  # it waits on for the source it was started for
         stderr = relay.wait().stderr
     refusals = re.findall(r"^refused 127\.0\.0\.1:\d+: (.*)$", stderr, re.M)
