@@ -28,6 +28,7 @@ from multifd.errors import MigrationCancelled, MultifdError
 from multifd.migration.limits import ReceiveLimits
 from multifd.migration.precopy import Limits, StaticTracker, TimeoutPolicy, Tracker
 from multifd.migration.stats import MigrationStats
+from multifd.migration.throttle import AutoConverge
 from multifd.pausing import process_hooks
 from multifd.ram import Ram
 from multifd.wire.compat import PROFILES
@@ -210,6 +211,12 @@ def receive(
     show_default=True,
     help="cancel: fail, the source keeps running; force: switch over anyway.",
 )
+@click.option(
+    "--auto-converge",
+    is_flag=True,
+    help="Slow --pause-pid down (stopped a growing share of the time, from 20 % up to "
+    "99 %) while it dirties memory faster than it moves, as QEMU's auto-converge.",
+)
 @tls_options("tls", "destination", hostname=True)
 @_common
 def send(
@@ -227,6 +234,7 @@ def send(
     tls_hostname: str | None,
     timeout: float | None,
     on_timeout: str,
+    auto_converge: bool,
     channels: int,
     uuid: str | None,
     compression: str,
@@ -244,6 +252,8 @@ def send(
     """
     if pause_pid is not None and not live:
         raise click.UsageError("--pause-pid needs --live")
+    if auto_converge and pause_pid is None:
+        raise click.UsageError("--auto-converge needs --pause-pid (the process to slow down)")
     tls = tls_config("tls", tls_cert, tls_key, tls_ca, tls_hostname)
     try:
         limits = Limits(
@@ -252,6 +262,7 @@ def send(
             max_passes=max_passes,
             timeout=timeout,
             on_timeout=TimeoutPolicy(on_timeout),
+            auto_converge=AutoConverge() if auto_converge else None,
         )
         ram = api.as_ram(dict(_split_block(spec) for spec in blocks))
         hooks = (

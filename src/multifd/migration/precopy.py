@@ -26,6 +26,10 @@ connection or no SHUT within ``io_timeout`` fails the migration like any other f
 byte has left. Either way a cancel that comes after the last byte left is too late: the
 destination may already run, so the migration completes (or fails on the destination's
 word) whatever the cancel says.
+With ``auto_converge`` (QEMU's capability, :mod:`multifd.migration.throttle`), a
+migration whose writers keep dirtying memory faster than it moves holds them a growing
+fraction of the time through the ``throttle`` hook, until the rest fits the limit; on
+failure or cancel the hold is lifted (``throttle(0.0)``).
 A migration that does not converge within ``timeout`` seconds or ``max_passes`` passes
 follows ``on_timeout``: ``cancel`` fails it with the reason (dirty rate against bandwidth),
 ``force`` switches over anyway and the downtime reports what it really cost.
@@ -56,6 +60,7 @@ from multifd.errors import (
 from multifd.migration.pacing import Pacer
 from multifd.migration.source import Pages, Source
 from multifd.migration.stats import MigrationStats, PassStats, Status
+from multifd.migration.throttle import AutoConverge, ThrottleControl
 from multifd.ram import Ram
 from multifd.wire.compat import PeerProfile
 from multifd.wire.constants import PAGE_SIZE
@@ -116,6 +121,10 @@ class Hooks:
     pause: Callable[[], None] = lambda: None  # stop the writers (a VM's CPUs)
     resume: Callable[[], None] = lambda: None  # failure or cancel after pause
     stopped: Callable[[], None] = lambda: None  # success: the writers stay stopped
+    # Auto-converge (Limits.auto_converge): hold the writers this fraction of the time;
+    # 0.0 lets them run freely again (on failure or cancel). Only ever called before pause,
+    # which must end any throttling itself.
+    throttle: Callable[[float], None] = lambda fraction: None
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,7 @@ class Limits:
     max_passes: int | None = None
     timeout: float | None = None  # seconds before on_timeout applies
     on_timeout: TimeoutPolicy = TimeoutPolicy.CANCEL
+    auto_converge: AutoConverge | None = None  # None: never throttle the writers
 
     def __post_init__(self) -> None:
         if self.downtime_limit <= 0:
@@ -147,6 +157,7 @@ class _Progress:
     remaining_pages: int = 0
     expected_downtime_ms: float = 0.0
     downtime_ms: float = 0.0
+    throttle: float = 0.0  # the fraction of time the writers are held (auto-converge)
     end: float | None = None
     error: str | None = None
 
@@ -206,6 +217,8 @@ class Precopy:
         self._start = 0.0
         self._figures = _Progress()
         self._undelivered = _Undelivered(tracker.source_ram)  # owned by the migration thread
+        auto_converge = self.limits.auto_converge  # the throttle: owned by the migration thread
+        self._throttle = ThrottleControl(auto_converge) if auto_converge is not None else None
         self._paused = False  # owned by the migration thread
         self._sent_all = False  # the last byte left: too late to cancel; guarded by _lock
 
@@ -269,6 +282,7 @@ class Precopy:
             channels=self._source.channel_stats(),
             passes=passes,
             error=figures.error,
+            cpu_throttle_percentage=round(figures.throttle * 100),
         )
 
     # -- the passes --------------------------------------------------------------------------
@@ -300,6 +314,7 @@ class Precopy:
                     log.warning("switching over anyway: %s", reason)
                     return pages
                 raise MigrationFailed(f"migration did not converge: {reason}")
+            self._step_throttle(report)
 
     def _run_pass(self, pages: Mapping[str, Pages], pace: Pacer | None) -> PassStats:
         before = sum(ch.bytes for ch in self._source.channel_stats())
@@ -314,6 +329,17 @@ class Precopy:
         self._figures.passes.append(report)
         if self.on_pass is not None:
             self.on_pass(report)
+
+    def _step_throttle(self, report: PassStats) -> None:
+        """Auto-converge: after a pass that did not converge, maybe hold the writers more."""
+        if self._throttle is None:
+            return
+        level = self._throttle.after_pass(report.dirty_pages * PAGE_SIZE, report.bytes)
+        if level is None or level == self._figures.throttle:
+            return
+        log.info("auto-converge: the writers are held %.0f %% of the time", level * 100)
+        self._figures.throttle = level
+        self.hooks.throttle(level)
 
     def _limit_reached(self, report: PassStats, expected: float, bandwidth: float) -> str | None:
         limits = self.limits
@@ -375,6 +401,11 @@ class Precopy:
             self._undelivered.clear()
         if self._paused:
             self.hooks.resume()
+        elif self._figures.throttle:
+            try:
+                self.hooks.throttle(0.0)  # the writers run at full speed again
+            except Exception:
+                log.exception("lifting the throttle failed")  # the first error is reported
         with self._lock:
             cancelled = self._status is Status.CANCELLING
             self._status = Status.CANCELLED if cancelled else Status.FAILED

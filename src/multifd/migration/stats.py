@@ -83,6 +83,7 @@ class MigrationStats:
     channels: tuple[ChannelStats, ...] = field(default_factory=tuple)
     passes: tuple[PassStats, ...] = field(default_factory=tuple)
     error: str | None = None
+    cpu_throttle_percentage: int = 0  # auto-converge's hold on the writers (source only)
 
     @property
     def transferred(self) -> int:
@@ -152,6 +153,8 @@ class MigrationStats:
                 for ch in self.channels
             ],
         }
+        if self.cpu_throttle_percentage:
+            result["cpu-throttle-percentage"] = self.cpu_throttle_percentage
         if self.error is not None:
             result["error-desc"] = self.error
         return result
