@@ -58,13 +58,16 @@ class Workload:
         self.rng = np.random.default_rng(11)
         self.stop = threading.Event()  # set by pause(): finish the burst and exit
         self.written = 0  # owned by the workload thread until it has been joined
+        # (since, written by then, pages per second): the pace, replaced whole by
+        # throttle() from the migration thread, read whole by the workload thread.
+        self._pace = (time.monotonic(), 0, settings.rate)
         self.thread = threading.Thread(target=self._run, name="demo-workload")
 
     def _run(self) -> None:
         pages_total = self.block.page_count
         hot = max(1, min(pages_total, self.settings.hot_set // PAGE_SIZE))
         burst = max(1, round(self.settings.rate * _TICK))
-        started = time.monotonic()
+        self._pace = (time.monotonic(), 0, self.settings.rate)
         while not self.stop.is_set():
             in_hot = self.rng.random(burst) < self.settings.hot_fraction
             pages = np.where(in_hot, self.rng.integers(0, hot, burst),
@@ -74,7 +77,13 @@ class Workload:
             self.log.mark_pages(self.block, pages)
             self.written += burst
             # Keep the average rate: wait until this burst's share of time has passed.
-            self.stop.wait(max(0.0, started + self.written / self.settings.rate - time.monotonic()))
+            since, before, rate = self._pace
+            self.stop.wait(max(0.0, since + (self.written - before) / rate - time.monotonic()))
+
+    def throttle(self, fraction: float) -> None:
+        """Auto-converge's hook: write ``1 - fraction`` of the rate from now on, as a
+        process held that fraction of the time would."""
+        self._pace = (time.monotonic(), self.written, self.settings.rate * (1 - fraction))
 
     def start(self) -> None:
         if self.settings.rate > 0:
