@@ -56,6 +56,8 @@ def print_stats(console: Console, stats: MigrationStats, *, as_json: bool) -> No
     if stats.passes:
         count = len(stats.passes)
         line += f", {count} pass{'' if count == 1 else 'es'}, downtime {stats.downtime_ms:.1f} ms"
+    if stats.cpu_throttle_percentage:
+        line += f", writers held {stats.cpu_throttle_percentage} % (auto-converge)"
     console.print(line, markup=False)
     for ch in stats.channels:
         console.print(
@@ -141,11 +143,12 @@ class LiveView(_View):
         with self._lock:
             done = stats.normal + stats.duplicate - self._pages_before
         rate = stats.dirty_pages_rate
+        held = stats.cpu_throttle_percentage
         self._progress.update(
             self._pass_task,
             completed=min(done, self._pass_pages),
             detail=f"{stats.remaining / MIB:.0f} MiB dirty, {rate:.0f} pages/s dirtied, "
-            f"{stats.mbps / 8:.0f} MB/s",
+            f"{stats.mbps / 8:.0f} MB/s" + (f", writers held {held} %" if held else ""),
         )
         self._show_channels(stats)
 

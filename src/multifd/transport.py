@@ -51,7 +51,12 @@ _PEEK_BACKOFF: Final = 0.0005
 _PEEK_BACKOFF_MAX: Final = 0.01
 # Said of a write that timed out: it blocks only while the peer's receive window is shut,
 # so the peer is stuck, or waits for something this end does not send (more channels, say).
-WRITE_STALLED: Final = " (the peer is not reading, or too slowly)"
+# A QEMU destination that failed (a --peer that does not match it, say) stops reading its
+# channels without closing them: a stalled write is all the source sees of it.
+WRITE_STALLED: Final = (
+    " (the peer is not reading, or too slowly; a destination that failed stops reading, "
+    "and its own log says why)"
+)
 # errno values of a write or read on a connection the peer closed or reset
 _DROPPED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
 

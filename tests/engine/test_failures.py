@@ -132,7 +132,7 @@ def test_stalled_peer_fails_the_sender_after_io_timeout() -> None:
         theirs.close()
     cause = info.value.__cause__
     assert isinstance(cause, ChannelError)
-    assert "write timed out after 0.1 s (the peer is not reading, or too slowly)" in str(cause)
+    assert "write timed out after 0.1 s (the peer is not reading, or too slowly;" in str(cause)
     assert cause.channel == "multifd/0"
     # The kernel timer (SO_SNDTIMEO) ends the stalled write with EAGAIN.
     assert isinstance(cause.__cause__, TimeoutError | BlockingIOError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
@@ -56,3 +57,10 @@ def test_json_summary_is_one_object(status: Status, capsys: pytest.CaptureFixtur
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1
     assert json.loads(printed[0])["status"] == status.value
+
+
+def test_summary_says_how_hard_auto_converge_held_the_writers() -> None:
+    passes = (PassStats(number=1, pages=10, bytes=40960, seconds=0.1),)
+    held = replace(_stats(passes=passes), cpu_throttle_percentage=40)
+    assert _summary(held)[0].endswith(", writers held 40 % (auto-converge)")
+    assert "held" not in _summary(_stats(passes=passes))[0]

@@ -391,7 +391,7 @@ def test_a_trickling_peer_cannot_stretch_a_write_past_its_timeout(
     assert 3 <= len(fake.calls) <= 5
     with pytest.raises(ChannelError, match="main: send of 50 bytes failed") as info:
         transport.send_all(cast(socket.socket, fake), [b"x" * 50], channel="main", timeout=3.0)
-    assert str(info.value).endswith("(the peer is not reading, or too slowly)")
+    assert "(the peer is not reading, or too slowly; a destination that failed" in str(info.value)
 
 
 def test_send_all_loops_on_partial_sends_without_copying() -> None:
