@@ -9,7 +9,6 @@ the target (the client, with the ``source`` certificate). QEMU's credentials com
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -19,18 +18,12 @@ from multifd.tls import TlsConfig
 from tests.interop.cli import as_uri
 from tests.interop.qemu import BLOCK_NAME, QemuError, QemuVm, ram_mismatch
 from tests.relay.helpers import vm_cli
+from tests.relay.test_qemu import FAST, LOCAL, SIZE, TIMEOUT, MakeImage, MakeVm
 from tests.tls.pki import Pki
 
 pytestmark = pytest.mark.interop
 
-SIZE: Final = 16 << 20
-TIMEOUT: Final = 30.0
-FAST: Final = 10 << 30  # lifts QEMU's 128 MiB/s max-bandwidth default
-LOCAL: Final = "tcp:127.0.0.1:0"
 CREDS: Final = "tls0"
-
-MakeVm = Callable[..., QemuVm]
-MakeImage = Callable[..., Path]
 
 
 def _out_args(tls: TlsConfig) -> list[str]:
