@@ -19,7 +19,6 @@ With TLS, each end passes its own credentials (see ``docs/tls.md``)::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
@@ -34,7 +33,7 @@ from multifd.migration.destination import Destination
 from multifd.migration.limits import ReceiveLimits
 from multifd.migration.precopy import Hooks, Limits, Precopy, StaticTracker, Tracker
 from multifd.migration.stats import MigrationStats, PassStats
-from multifd.migration.ticker import Ticker
+from multifd.migration.ticker import ticking
 from multifd.ram import Ram, RamBlock
 from multifd.tls import TlsConfig
 from multifd.wire.compat import profile
@@ -267,12 +266,7 @@ def receive(
         with transport.listen(listen_at) as listener:
             if on_listening is not None:
                 on_listening(str(listener.address))
-            ticker = (
-                Ticker(destination.stats, progress, progress_interval)
-                if progress is not None
-                else contextlib.nullcontext()
-            )
-            with ticker:
+            with ticking(destination.stats, progress, progress_interval):
                 stats = destination.run(listener)
     except BaseException:
         if into is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -15,13 +14,13 @@ from multifd import api, cli_vm
 from multifd.cli_tls import tls_config, tls_options
 from multifd.console import (
     LiveView,
-    ReceiveView,
     describe_pass,
     err,
     fail,
     print_listening,
     print_refused,
     print_stats,
+    receive_progress,
 )
 from multifd.dirty import ShadowTracker
 from multifd.errors import MigrationCancelled, MultifdError
@@ -129,10 +128,9 @@ def receive(
     """Listen at ADDRESS (tcp:HOST:PORT or unix:PATH) and receive one migration."""
 
     tls = tls_config("tls", tls_cert, tls_key, tls_ca)
-    show = err.is_terminal and not as_json
     try:
         limits = ReceiveLimits(max_ram=_parse_size(max_ram, "--max-ram")) if max_ram else None
-        with ReceiveView(err) if show else contextlib.nullcontext() as view:
+        with receive_progress(as_json=as_json) as progress:
             result = api.receive(
                 address,
                 channels=channels,
@@ -144,7 +142,7 @@ def receive(
                 tls=tls,
                 on_listening=print_listening,
                 on_refused=print_refused,
-                progress=view.update if view is not None else None,
+                progress=progress,
                 prealloc=dict(_split_prealloc(spec) for spec in prealloc),
             )
     except MultifdError as exc:

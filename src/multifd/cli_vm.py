@@ -14,7 +14,14 @@ import click
 
 from multifd.api import MAX_CHANNELS, parse_uuid
 from multifd.cli_tls import tls_config, tls_options
-from multifd.console import err, fail, print_listening, print_refused, print_stats
+from multifd.console import (
+    err,
+    fail,
+    print_listening,
+    print_refused,
+    print_stats,
+    receive_progress,
+)
 from multifd.errors import MultifdError
 from multifd.migration.recording import Manifest, record, replay
 from multifd.migration.relay import AS_SOURCE, OUT_PEERS, OutSettings, RelayStats, relay
@@ -109,9 +116,11 @@ def relay_command(  # noqa: PLR0917 - click passes every option
     try:
         out = OutSettings(out_channels, out_compression, out_level, out_peer, parse_uuid(uuid),
                           return_path=out_return_path)  # fmt: skip
-        stats = relay(listen, target, channels=channels, compression=compression, out=out,
-                      io_timeout=io_timeout, tls=tls, out_tls=out_tls,
-                      on_listening=print_listening, on_refused=print_refused)  # fmt: skip
+        with receive_progress(as_json=as_json) as progress:
+            stats = relay(listen, target, channels=channels, compression=compression, out=out,
+                          io_timeout=io_timeout, tls=tls, out_tls=out_tls,
+                          on_listening=print_listening, on_refused=print_refused,
+                          progress=progress)  # fmt: skip
     except MultifdError as exc:
         fail(exc)
     if as_json:
@@ -143,9 +152,11 @@ def record_command(  # noqa: PLR0917 - click passes every option
     """Accept a migration at LISTEN and store the VM in DIRECTORY (RAM, device state)."""
     tls = tls_config("tls", tls_cert, tls_key, tls_ca)
     try:
-        stats, manifest = record(listen, directory, channels=channels, compression=compression,
-                                 io_timeout=io_timeout, tls=tls, on_listening=print_listening,
-                                 on_refused=print_refused)  # fmt: skip
+        with receive_progress(as_json=as_json) as progress:
+            stats, manifest = record(listen, directory, channels=channels,
+                                     compression=compression, io_timeout=io_timeout, tls=tls,
+                                     on_listening=print_listening, on_refused=print_refused,
+                                     progress=progress)  # fmt: skip
     except MultifdError as exc:
         fail(exc)
     print_stats(err, stats, as_json=as_json)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import NoReturn, Self
 
@@ -178,3 +180,15 @@ class ReceiveView(_View):
             f"{stats.dirty_sync_count} syncs",
         )
         self._show_channels(stats)
+
+
+@contextlib.contextmanager
+def receive_progress(*, as_json: bool) -> Iterator[Callable[[MigrationStats], None] | None]:
+    """For a command that receives: a :class:`ReceiveView` on stderr while the block runs,
+    and its ``update`` to pass as ``progress``; None when stderr is no terminal or the
+    output is JSON."""
+    if as_json or not err.is_terminal:
+        yield None
+        return
+    with ReceiveView(err) as view:
+        yield view.update

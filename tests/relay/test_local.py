@@ -23,6 +23,7 @@ from multifd.migration.precopy import Hooks, Limits, TimeoutPolicy
 from multifd.migration.recording import MANIFEST, RecordingError, record, replay
 from multifd.migration.relay import OutSettings, RelayStats, relay
 from multifd.migration.source import RamSection, Source
+from multifd.migration.stats import MigrationStats, Status
 from multifd.wire import stream
 from multifd.wire.compat import PROFILES
 from multifd.wire.constants import PAGE_SIZE
@@ -368,3 +369,22 @@ def test_replay_hears_a_destination_failing_after_the_last_byte(tmp_path: Path) 
             replay(recording, destination.address, channels=2)
     finally:
         destination.close()
+
+
+def test_relay_and_record_report_their_incoming_progress(tmp_path: Path) -> None:
+    ram = make_ram(4, {"mem": 1 << 20})
+    pages = ram["mem"].page_count
+    recorded: list[MigrationStats] = []
+    relayed_seen: list[MigrationStats] = []
+    recorder = Listening(record, LOCAL, tmp_path / "rec", channels=1,
+                         progress=recorded.append, progress_interval=BOUND)  # fmt: skip
+    relayed = Listening(relay, LOCAL, recorder.start(), channels=2, out=OutSettings(channels=1),
+                        progress=relayed_seen.append, progress_interval=BOUND)  # fmt: skip
+    multifd.send(relayed.start(), ram, channels=2)
+    relayed.result()
+    recorder.result()
+    # An interval this long leaves the final report only: the figures at the end.
+    for seen in (relayed_seen, recorded):
+        assert [s.status for s in seen] == [Status.COMPLETED]
+        assert seen[0].normal + seen[0].duplicate >= pages
+    assert relayed_seen[0].normal + relayed_seen[0].duplicate == pages  # one pass came in

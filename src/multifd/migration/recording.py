@@ -39,6 +39,7 @@ from multifd.migration.incoming import Incoming
 from multifd.migration.relay import AS_SOURCE
 from multifd.migration.source import RamSection, Source
 from multifd.migration.stats import MigrationStats, Status
+from multifd.migration.ticker import ticking
 from multifd.ram import Ram, RamBlock
 from multifd.tls import TlsConfig
 from multifd.wire import stream
@@ -331,12 +332,15 @@ def record(
     tls: TlsConfig | None = None,
     on_listening: Callable[[str], None] | None = None,
     on_refused: Callable[[ChannelRefused], None] | None = None,
+    progress: Callable[[MigrationStats], None] | None = None,
+    progress_interval: float = 0.25,
 ) -> tuple[MigrationStats, Manifest]:
     """Listen at ``listen``, receive one migration and store it in ``directory``.
 
     With ``tls`` (this end's credentials), every channel must run TLS 1.3; the recording
     holds the migration's content, never its encryption. ``on_refused`` is told about each
-    connection refused during setup, as it is.
+    connection refused during setup, as it is; ``progress`` gets the statistics every
+    ``progress_interval`` seconds and once more at the end (see :func:`multifd.receive`).
 
     Raises:
         ConfigError: bad address or credentials, or ``directory`` already holds a
@@ -355,7 +359,8 @@ def record(
     with transport.listen(listen_at) as listener:
         if on_listening is not None:
             on_listening(str(listener.address))
-        return recorder.run(listener)
+        with ticking(recorder.incoming.stats, progress, progress_interval):
+            return recorder.run(listener)
 
 
 # -- load and replay ---------------------------------------------------------------------------

@@ -58,6 +58,7 @@ from multifd.migration.page_sets import (
 )
 from multifd.migration.source import RamSection, Source
 from multifd.migration.stats import ChannelStats, MigrationStats
+from multifd.migration.ticker import ticking
 from multifd.ram import Ram
 from multifd.tls import TlsConfig
 from multifd.wire.compat import PROFILES, PeerProfile, SyncMode, ZeroPageMode
@@ -552,6 +553,8 @@ def relay(
     out_tls: TlsConfig | None = None,
     on_listening: Callable[[str], None] | None = None,
     on_refused: Callable[[ChannelRefused], None] | None = None,
+    progress: Callable[[MigrationStats], None] | None = None,
+    progress_interval: float = 0.25,
 ) -> RelayStats:
     """Listen at ``listen``, accept one migration and relay it to ``target``.
 
@@ -569,6 +572,9 @@ def relay(
         out_tls: its credentials towards ``target``, the same way; None: plain sockets.
         on_listening: called with the real listening address.
         on_refused: told about each incoming connection refused during setup, as it is.
+        progress: called with the incoming side's statistics every ``progress_interval``
+            seconds, and once more at the end (see :func:`multifd.receive`).
+        progress_interval: seconds between two ``progress`` calls.
 
     Raises:
         ConfigError: an address, a setting or the credentials are invalid.
@@ -588,4 +594,5 @@ def relay(
     with transport.listen(listen_at) as listener:
         if on_listening is not None:
             on_listening(str(listener.address))
-        return worker.run(listener)
+        with ticking(worker.incoming.stats, progress, progress_interval):
+            return worker.run(listener)

@@ -8,9 +8,11 @@ once more when the migration has ended, so the last snapshot a caller sees is fi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Final
 
@@ -73,3 +75,14 @@ class Ticker:
             self._broken = True
             return False
         return True
+
+
+def ticking(
+    snapshot: Callable[[], MigrationStats],
+    report: Callable[[MigrationStats], None] | None,
+    interval: float,
+) -> AbstractContextManager[object]:
+    """A :class:`Ticker` around the block, or nothing when there is no ``report``."""
+    if report is None:
+        return contextlib.nullcontext()
+    return Ticker(snapshot, report, interval)
