@@ -13,6 +13,7 @@ import click
 from multifd import api, cli_vm
 from multifd.cli_tls import tls_config, tls_options
 from multifd.console import (
+    JsonLines,
     LiveView,
     describe_pass,
     err,
@@ -57,6 +58,12 @@ def _common(func: Callable[..., None]) -> Callable[..., None]:
         "as_json",
         is_flag=True,
         help="Print the final statistics as one JSON object on stdout.",
+    )(func)
+    func = click.option(
+        "--json-progress",
+        is_flag=True,
+        help="Print the statistics as a JSON line on stdout every half second while the "
+        "migration runs, and the final ones (as --json prints them) last.",
     )(func)
     func = click.option(
         "--uuid",
@@ -121,6 +128,7 @@ def receive(
     compression: str,
     io_timeout: float,
     as_json: bool,
+    json_progress: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_ca: Path | None,
@@ -130,7 +138,7 @@ def receive(
     tls = tls_config("tls", tls_cert, tls_key, tls_ca)
     try:
         limits = ReceiveLimits(max_ram=_parse_size(max_ram, "--max-ram")) if max_ram else None
-        with receive_progress(as_json=as_json) as progress:
+        with receive_progress(as_json=as_json, json_progress=json_progress) as progress:
             result = api.receive(
                 address,
                 channels=channels,
@@ -148,7 +156,7 @@ def receive(
     except MultifdError as exc:
         fail(exc)
     try:
-        print_stats(err, result.stats, as_json=as_json)
+        print_stats(err, result.stats, as_json=as_json or json_progress)
     finally:
         result.ram.close()
 
@@ -238,6 +246,7 @@ def send(
     compression: str,
     io_timeout: float,
     as_json: bool,
+    json_progress: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_ca: Path | None,
@@ -268,7 +277,8 @@ def send(
             if pause_pid is not None
             else None
         )
-        stats = _run_send(address, ram, live=live, as_json=as_json, limits=limits, hooks=hooks,
+        stats = _run_send(address, ram, live=live, as_json=as_json,
+                          json_progress=json_progress, limits=limits, hooks=hooks,
                           channels=channels, peer=peer, uuid=uuid, compression=compression,
                           level=level, io_timeout=io_timeout, tls=tls,
                           return_path=return_path)  # fmt: skip
@@ -277,18 +287,19 @@ def send(
         sys.exit(130)
     except MultifdError as exc:
         fail(exc)
-    print_stats(err, stats, as_json=as_json)
+    print_stats(err, stats, as_json=as_json or json_progress)
 
 
 def _run_send(
-    address: str, ram: Ram, *, live: bool, as_json: bool, **options: Any
+    address: str, ram: Ram, *, live: bool, as_json: bool, json_progress: bool, **options: Any
 ) -> MigrationStats:
     tracker: Tracker = ShadowTracker(ram) if live else StaticTracker(ram)
-    show = err.is_terminal and not as_json
+    show = err.is_terminal and not as_json and not json_progress
     try:
         if not show:
             on_pass = (lambda r: err.print(describe_pass(r), markup=False)) if live else None
-            return api.send(address, tracker, on_pass=on_pass, **options)
+            progress = JsonLines() if json_progress else None
+            return api.send(address, tracker, on_pass=on_pass, progress=progress, **options)
         with LiveView(err, ram.total_size) as view:
             return api.send(address, tracker, on_pass=view.on_pass, progress=view.update,
                             **options)  # fmt: skip

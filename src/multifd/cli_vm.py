@@ -34,6 +34,11 @@ _METHODS = click.Choice(["none", "zlib", "zstd"])
 
 def _incoming_options(func: Command) -> Command:
     func = click.option(
+        "--json-progress", is_flag=True,
+        help="Print the incoming side's statistics as a JSON line on stdout every half "
+        "second, and the final statistics (as --json prints them) last.",
+    )(func)  # fmt: skip
+    func = click.option(
         "--compression", type=_METHODS, default="none", show_default=True,
         help="The source's multifd compression.",
     )(func)  # fmt: skip
@@ -96,6 +101,7 @@ def relay_command(  # noqa: PLR0917 - click passes every option
     compression: str,
     io_timeout: float,
     as_json: bool,
+    json_progress: bool,
     tls_cert: Path | None,
     tls_key: Path | None,
     tls_ca: Path | None,
@@ -116,14 +122,14 @@ def relay_command(  # noqa: PLR0917 - click passes every option
     try:
         out = OutSettings(out_channels, out_compression, out_level, out_peer, parse_uuid(uuid),
                           return_path=out_return_path)  # fmt: skip
-        with receive_progress(as_json=as_json) as progress:
+        with receive_progress(as_json=as_json, json_progress=json_progress) as progress:
             stats = relay(listen, target, channels=channels, compression=compression, out=out,
                           io_timeout=io_timeout, tls=tls, out_tls=out_tls,
                           on_listening=print_listening, on_refused=print_refused,
                           progress=progress)  # fmt: skip
     except MultifdError as exc:
         fail(exc)
-    if as_json:
+    if as_json or json_progress:
         click.echo(json.dumps(stats.to_json()))
     else:
         _print_relay(stats)
@@ -147,19 +153,20 @@ def _print_relay(stats: RelayStats) -> None:
 @_incoming_options
 def record_command(  # noqa: PLR0917 - click passes every option
     listen: str, directory: Path, channels: int, compression: str, io_timeout: float,
-    as_json: bool, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None,
+    as_json: bool, json_progress: bool, tls_cert: Path | None, tls_key: Path | None,
+    tls_ca: Path | None,
 ) -> None:  # fmt: skip
     """Accept a migration at LISTEN and store the VM in DIRECTORY (RAM, device state)."""
     tls = tls_config("tls", tls_cert, tls_key, tls_ca)
     try:
-        with receive_progress(as_json=as_json) as progress:
+        with receive_progress(as_json=as_json, json_progress=json_progress) as progress:
             stats, manifest = record(listen, directory, channels=channels,
                                      compression=compression, io_timeout=io_timeout, tls=tls,
                                      on_listening=print_listening, on_refused=print_refused,
                                      progress=progress)  # fmt: skip
     except MultifdError as exc:
         fail(exc)
-    print_stats(err, stats, as_json=as_json)
+    print_stats(err, stats, as_json=as_json or json_progress)
     if not as_json:
         _print_manifest(directory, manifest)
 

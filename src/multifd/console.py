@@ -6,6 +6,7 @@ import contextlib
 import json
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import NoReturn, Self
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from multifd.errors import ChannelRefused
-from multifd.migration.stats import MigrationStats, PassStats
+from multifd.migration.stats import MigrationStats, PassStats, Status
 from multifd.wire.constants import PAGE_SIZE
 
 MIB = 1 << 20
@@ -182,11 +183,40 @@ class ReceiveView(_View):
         self._show_channels(stats)
 
 
+class JsonLines:
+    """Statistics snapshots as JSON lines on stdout, one per ``interval`` seconds at most:
+    a script follows a migration by reading them (``--json-progress``). A completed
+    snapshot is left to the command, which prints the final statistics as the last line; a
+    failed one is printed at once, so the last line says so.
+
+    Called from one thread at a time (the migration's, or a progress ticker's).
+    """
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self._interval = interval
+        self._last = -interval  # time.monotonic() of the last line printed
+
+    def __call__(self, stats: MigrationStats) -> None:
+        if stats.status is Status.COMPLETED:
+            return
+        now = time.monotonic()
+        ended = stats.status in (Status.FAILED, Status.CANCELLED)
+        if now - self._last < self._interval and not ended:
+            return
+        self._last = now
+        click.echo(json.dumps(stats.to_json()))
+
+
 @contextlib.contextmanager
-def receive_progress(*, as_json: bool) -> Iterator[Callable[[MigrationStats], None] | None]:
-    """For a command that receives: a :class:`ReceiveView` on stderr while the block runs,
-    and its ``update`` to pass as ``progress``; None when stderr is no terminal or the
-    output is JSON."""
+def receive_progress(
+    *, as_json: bool, json_progress: bool = False
+) -> Iterator[Callable[[MigrationStats], None] | None]:
+    """For a command that receives, what to pass as ``progress`` while the block runs:
+    JSON lines with ``json_progress``; else a :class:`ReceiveView` on stderr when it is a
+    terminal and the output is not JSON; else None."""
+    if json_progress:
+        yield JsonLines()
+        return
     if as_json or not err.is_terminal:
         yield None
         return

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,6 +56,44 @@ def test_send_and_receive_files_with_json(tmp_path: Path) -> None:
     assert received["status"] == sender["status"] == "completed"
     assert received["ram"]["total"] == sender["ram"]["total"] == 300 * PAGE
     assert received["ram"]["normal"] + received["ram"]["duplicate"] == 300
+
+
+def _json_lines(stdout: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.decode().splitlines()]
+
+
+def test_json_progress_streams_snapshots_then_the_final_statistics(tmp_path: Path) -> None:
+    image = _image(tmp_path / "ram.img", 2048, seed=3)  # 8 MiB at 8 MB/s: about a second
+    proc, address = _receiver("--channels", "2", "--json-progress")
+    sent = subprocess.run(
+        [*CLI, "send", address, "--block", f"mem={image}", "--max-bandwidth", "8M",
+         "--json-progress"],
+        capture_output=True, timeout=BOUND, check=False,
+    )  # fmt: skip
+    out, errors = proc.communicate(timeout=BOUND)
+    assert sent.returncode == 0, sent.stderr
+    assert proc.returncode == 0, errors
+    for lines in (_json_lines(out), _json_lines(sent.stdout)):
+        assert len(lines) >= 2, lines  # at least one snapshot while it ran, then the end
+        assert [line["status"] for line in lines][-1] == "completed"
+        assert all(line["status"] != "completed" for line in lines[:-1])
+        moved = [line["ram"]["transferred"] for line in lines]
+        assert moved == sorted(moved)
+        assert lines[-1]["ram"]["normal"] + lines[-1]["ram"]["duplicate"] == 2048
+
+
+def test_json_progress_ends_with_a_failed_snapshot_when_the_migration_fails(
+    tmp_path: Path,
+) -> None:
+    image = _image(tmp_path / "ram.img", 16, seed=4)
+    proc, address = _receiver("--uuid", "00000000-0000-0000-0000-000000000001",
+                              "--json-progress")  # fmt: skip
+    sent = subprocess.run([*CLI, "send", address, "--block", f"mem={image}"],
+                          capture_output=True, timeout=BOUND, check=False)  # fmt: skip
+    out, errors = proc.communicate(timeout=BOUND)
+    assert sent.returncode == proc.returncode == 1
+    assert b"uuid" in errors.lower()
+    assert _json_lines(out)[-1]["status"] == "failed"
 
 
 def test_refused_connection_is_one_clear_line(tmp_path: Path) -> None:
