@@ -348,6 +348,14 @@ def _split_block(spec: str) -> tuple[str, str]:
     show_default=True,
     help="Folder for report.json and passes.png.",
 )
+@click.option(
+    "--max-bandwidth", default=None, metavar="BYTES", help="Bytes per second at most, e.g. 200M."
+)
+@click.option(
+    "--auto-converge",
+    is_flag=True,
+    help="Hold the workload a growing share of the time while it outruns the migration.",
+)
 @_channels_option()
 def demo(
     size: str,
@@ -358,14 +366,21 @@ def demo(
     downtime_limit: float,
     out: Path,
     channels: int,
+    max_bandwidth: str | None,
+    auto_converge: bool,
 ) -> None:
-    """Migrate a block that is being written, over loopback TCP, and compare both sides."""
+    """Migrate a block that is being written, over loopback TCP, and compare both sides.
+
+    A write rate the link cannot keep up with (--rate 400000 --max-bandwidth 200M, say)
+    does not converge; --auto-converge then holds the workload until it does.
+    """
     from multifd.demo import DemoSettings, run_demo  # noqa: PLC0415  (set-up only on demand)
 
     settings = DemoSettings(
         size=_parse_size(size), rate=rate, hot_set=_parse_size(hot_set, "--hot-set"),
         hot_fraction=hot_fraction, zero_fraction=zero_fraction, channels=channels,
-        downtime_limit=downtime_limit / 1e3, output=out,
+        downtime_limit=downtime_limit / 1e3, output=out, auto_converge=auto_converge,
+        max_bandwidth=_parse_size(max_bandwidth, "--max-bandwidth") if max_bandwidth else None,
     )  # fmt: skip
     try:
         ok = run_demo(settings, err)

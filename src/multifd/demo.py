@@ -30,6 +30,7 @@ from multifd.dirty import DirtyLog
 from multifd.errors import ChannelError
 from multifd.migration.precopy import Hooks, Limits
 from multifd.migration.stats import MigrationStats
+from multifd.migration.throttle import AutoConverge
 from multifd.ram import Ram, RamBlock
 from multifd.wire.constants import PAGE_SIZE
 
@@ -48,6 +49,9 @@ class DemoSettings:
     channels: int = 2
     downtime_limit: float = 0.3  # seconds
     output: Path = Path("demo-out")
+    max_bandwidth: float | None = None  # bytes per second; None: as fast as loopback goes
+    auto_converge: bool = False  # hold the workload when it outruns the migration
+    timeout: float = 60.0  # seconds to converge before the demo gives up (cancel)
 
 
 class Workload:
@@ -190,8 +194,10 @@ def _migrate(
     try:
         stats = api.send(
             address, log, channels=settings.channels,
-            limits=Limits(downtime_limit=settings.downtime_limit),
-            hooks=Hooks(pause=pause),
+            limits=Limits(downtime_limit=settings.downtime_limit,
+                          max_bandwidth=settings.max_bandwidth, timeout=settings.timeout,
+                          auto_converge=AutoConverge() if settings.auto_converge else None),
+            hooks=Hooks(pause=pause, throttle=workload.throttle),
             on_pass=lambda report: console.print(describe_pass(report), markup=False),
         )  # fmt: skip
     finally:
