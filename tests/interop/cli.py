@@ -142,8 +142,8 @@ class MultifdProcess:
     """One ``multifd`` subprocess; a context manager that always kills it.
 
     Sharing: ``_proc``, ``_stdout`` and the result are owned by the driving thread. The
-    drain thread alone appends to ``_lines`` until it ends; the driving thread reads
-    ``_lines[0]`` only after ``_first_line`` is set and the whole list only after joining.
+    drain thread alone appends to ``_lines`` (under ``_lines_changed``) until it ends; the
+    driving thread reads them under that condition while it runs, and freely after joining.
     """
 
     def __init__(self, args: Sequence[str], *, timeout: float) -> None:
@@ -165,7 +165,6 @@ class MultifdProcess:
         self._lines: list[str] = []
         self._line_times: list[float] = []  # time.time() when each stderr line arrived
         self._line_cpu: list[CpuTimes | None] = []  # process_cpu() of the child by then
-        self._first_line = threading.Event()  # signals: _lines[0] exists, or stderr hit EOF
         self._lines_changed = threading.Condition()  # signals: a line arrived, or stderr hit EOF
         self._stderr_ended = False  # set by the drain thread under _lines_changed
         self._drain = threading.Thread(target=self._read_stderr, name="multifd-stderr")
@@ -190,8 +189,9 @@ class MultifdProcess:
 
     def first_line(self, timeout: float) -> str:
         """The first stderr line; raises :class:`CliError` if none comes in ``timeout``."""
-        if not self._first_line.wait(timeout):
-            raise CliError(f"no output from {self._describe()} within {timeout:.1f}s")
+        with self._lines_changed:
+            if not self._lines_changed.wait_for(lambda: self._lines or self._stderr_ended, timeout):
+                raise CliError(f"no output from {self._describe()} within {timeout:.1f}s")
         if not self._lines:
             self.wait(self.timeout)
             raise CliError(f"{self._describe()} exited silently: {self.result}")
@@ -273,11 +273,9 @@ class MultifdProcess:
                 with self._lines_changed:
                     self._lines.append(raw.decode(errors="replace"))
                     self._lines_changed.notify_all()
-                self._first_line.set()
         with self._lines_changed:
             self._stderr_ended = True
             self._lines_changed.notify_all()
-        self._first_line.set()
 
     def _describe(self) -> str:
         return " ".join(self._proc.args[2:] if isinstance(self._proc.args, list) else [])
