@@ -157,7 +157,6 @@ class _Progress:
     remaining_pages: int = 0
     expected_downtime_ms: float = 0.0
     downtime_ms: float = 0.0
-    throttle: float = 0.0  # the fraction of time the writers are held (auto-converge)
     end: float | None = None
     error: str | None = None
 
@@ -217,7 +216,8 @@ class Precopy:
         self._start = 0.0
         self._figures = _Progress()
         self._undelivered = _Undelivered(tracker.source_ram)  # owned by the migration thread
-        auto_converge = self.limits.auto_converge  # the throttle: owned by the migration thread
+        # Auto-converge: written by the migration thread; stats() reads its level (a float).
+        auto_converge = self.limits.auto_converge
         self._throttle = ThrottleControl(auto_converge) if auto_converge is not None else None
         self._paused = False  # owned by the migration thread
         self._sent_all = False  # the last byte left: too late to cancel; guarded by _lock
@@ -282,7 +282,7 @@ class Precopy:
             channels=self._source.channel_stats(),
             passes=passes,
             error=figures.error,
-            cpu_throttle_percentage=round(figures.throttle * 100),
+            cpu_throttle_percentage=round(self._throttle_level() * 100),
         )
 
     # -- the passes --------------------------------------------------------------------------
@@ -334,12 +334,16 @@ class Precopy:
         """Auto-converge: after a pass that did not converge, maybe hold the writers more."""
         if self._throttle is None:
             return
+        before = self._throttle.level
         level = self._throttle.after_pass(report.dirty_pages * PAGE_SIZE, report.bytes)
-        if level is None or level == self._figures.throttle:
+        if level is None or level == before:
             return
         log.info("auto-converge: the writers are held %.0f %% of the time", level * 100)
-        self._figures.throttle = level
         self.hooks.throttle(level)
+
+    def _throttle_level(self) -> float:
+        """The fraction of time auto-converge holds the writers now (0: not at all)."""
+        return self._throttle.level if self._throttle is not None else 0.0
 
     def _limit_reached(self, report: PassStats, expected: float, bandwidth: float) -> str | None:
         limits = self.limits
@@ -401,7 +405,7 @@ class Precopy:
             self._undelivered.clear()
         if self._paused:
             self.hooks.resume()
-        elif self._figures.throttle:
+        elif self._throttle_level():
             try:
                 self.hooks.throttle(0.0)  # the writers run at full speed again
             except Exception:

@@ -49,7 +49,8 @@ class AutoConverge:
 
 
 class ThrottleControl:
-    """The throttle's state through one migration; owned by the migration thread.
+    """The throttle's state through one migration: the migration thread alone changes it;
+    another thread may read :attr:`level`.
 
     Args:
         settings: the thresholds and steps.
