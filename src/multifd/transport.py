@@ -59,6 +59,9 @@ WRITE_STALLED: Final = (
 )
 # errno values of a write or read on a connection the peer closed or reset
 _DROPPED: Final = frozenset({errno.EPIPE, errno.ECONNRESET})
+# What close_after_last_write() reads and drops at most: a peer that keeps sending is not
+# waited for.
+_DRAIN_LIMIT: Final = 16 << 20
 
 
 # -- listening -------------------------------------------------------------------------------
@@ -555,11 +558,6 @@ def close_after_last_write(sock: socket.socket) -> None:
         while dropped < _DRAIN_LIMIT and (data := sock.recv(1 << 16)):
             dropped += len(data)
     close_quietly(sock)
-
-
-# What close_after_last_write() reads and drops at most: a peer that keeps sending is not
-# waited for.
-_DRAIN_LIMIT: Final = 16 << 20
 
 
 # -- helpers ---------------------------------------------------------------------------------
